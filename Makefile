@@ -1,0 +1,37 @@
+# inferpool: the README's commands. Everything installs itself under .cache/ (see scripts/setup.sh).
+SHELL := /bin/bash
+VENV := .cache/venv/bin
+CARGO ?= cargo
+
+.PHONY: setup run test lint fmt bench bench-sidecar model clean-model
+
+## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
+setup:
+	@scripts/setup.sh
+
+## run: the sidecar on 127.0.0.1:8080 (admin 127.0.0.1:9090) serving the default model
+run: setup
+	$(CARGO) run --release -p inferpool-sidecar -- --data-dir .cache/data $(ARGS)
+
+## test: the whole test suite (Rust and the model scripts)
+test: setup
+	$(CARGO) test --workspace
+	$(VENV)/python -m pytest -q models/
+
+## lint: formatting and clippy, as CI checks them
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## bench: benchmarks; reports go to docs/benchmarks/
+bench: bench-sidecar
+
+bench-sidecar: setup
+	scripts/bench-sidecar.sh
+
+## model: regenerate the default model's variants (after changing convert.py)
+model: setup
+	$(VENV)/python models/effnet_lite0/convert.py --out models/effnet_lite0

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Prepares everything inferpool needs to build, run and test, under .cache/ in the repository:
+#   .cache/onnxruntime/   libonnxruntime.so* unpacked from the pinned `onnxruntime` wheel (PyPI)
+#   .cache/venv/          Python tools for the model scripts, reference checks and benchmarks
+#   models/effnet_lite0/  the default model's ONNX variants (generated, checked against card.json)
+# and installs redis-server from Debian when missing. Idempotent: each step is skipped when its
+# result is already there, so a rerun is fast and works offline once it has run once.
+set -euo pipefail
+
+ORT_VERSION=1.31.1
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache="$root/.cache"
+mkdir -p "$cache"
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# --- Python venv with pinned tools -------------------------------------------------------------
+venv="$cache/venv"
+req="$root/scripts/requirements.txt"
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum "$req" | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "creating Python venv in $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+  echo "$want" >"$stamp"
+fi
+
+# --- ONNX Runtime shared library, from the wheel on PyPI (no Python needed at run time) ---------
+ort_dir="$cache/onnxruntime"
+if [ ! -e "$ort_dir/libonnxruntime.so" ] || [ "$(cat "$ort_dir/VERSION" 2>/dev/null)" != "$ORT_VERSION" ]; then
+  log "fetching the onnxruntime $ORT_VERSION wheel"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    -d "$tmp" "onnxruntime==$ORT_VERSION"
+  rm -rf "$ort_dir" && mkdir -p "$ort_dir"
+  "$venv/bin/python" - "$tmp" "$ort_dir" <<'PY'
+import glob, os, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+(wheel,) = glob.glob(os.path.join(src, "onnxruntime-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        base = os.path.basename(name)
+        if name.startswith("onnxruntime/capi/") and base.startswith("libonnxruntime.so"):
+            with z.open(name) as f, open(os.path.join(dst, base), "wb") as out:
+                out.write(f.read())
+PY
+  lib=$(ls "$ort_dir"/libonnxruntime.so.* | head -n1)
+  ln -sf "$(basename "$lib")" "$ort_dir/libonnxruntime.so"
+  echo "$ORT_VERSION" >"$ort_dir/VERSION"
+fi
+
+# --- redis-server (Debian) ----------------------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing redis-server"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    log "warning: redis-server is not installed (apt-get install redis-server); Redis tests will fail"
+  fi
+fi
+
+# --- the default model --------------------------------------------------------------------------
+"$venv/bin/python" "$root/models/effnet_lite0/convert.py" --out "$root/models/effnet_lite0" --if-missing
+log "ready (onnxruntime $ORT_VERSION in $ort_dir)"
