@@ -1,0 +1,186 @@
+//! The sidecar's shared state and its life cycle: start serving at once, load and warm the model
+//! in the background (`/readyz` answers 503 until then), and drain on shutdown.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::batcher::Batcher;
+use crate::config::Config;
+use crate::engine::{Engine, EngineError, EngineOptions, Provider};
+use crate::metrics::Metrics;
+use crate::model::{LoadedCard, Variant};
+use crate::preprocess::Preprocessor;
+use crate::profiles::ProfileStore;
+
+/// What was loaded, for reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Loaded {
+    /// Execution provider in use.
+    pub provider: Provider,
+    /// Variant in use.
+    pub variant: Variant,
+}
+
+/// Where the sidecar is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving probes; the model is loading.
+    Loading,
+    /// Serving traffic.
+    Ready,
+    /// The model failed to load; the server is stopping.
+    Failed,
+    /// Shutting down: finishing in-flight work, refusing new work.
+    Draining,
+}
+
+/// State shared by every request.
+pub struct App {
+    /// Validated configuration.
+    pub config: Config,
+    /// The model card.
+    pub card: LoadedCard,
+    /// Image decoding and normalisation for the card's input.
+    pub preprocessor: Arc<Preprocessor>,
+    /// Durable reference profiles.
+    pub profiles: ProfileStore,
+    /// Metrics and SLA windows.
+    pub metrics: Arc<Metrics>,
+    /// Identifies the model family that made an embedding; profiles made by another are stale.
+    pub fingerprint: String,
+    /// Set once the model is loaded and warmed.
+    batcher: OnceLock<Batcher>,
+    loaded: OnceLock<Loaded>,
+    phase: watch::Sender<Phase>,
+    /// When the process started serving.
+    pub started: Instant,
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The model card is unusable.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// The engine could not load the model.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The profile store could not be opened.
+    #[error("profile store: {0}")]
+    Profiles(#[from] crate::profiles::ProfileError),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A worker task failed.
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+impl App {
+    /// Reads the card, opens the profile store and registers metrics; the model loads later.
+    pub fn new(config: Config) -> Result<Self, StartError> {
+        let card = LoadedCard::load(&config.model)?;
+        let metrics = Arc::new(Metrics::new()?);
+        let fingerprint = fingerprint(&card);
+        let profiles = ProfileStore::open(&config.data_dir, &fingerprint, card.card.output.dim)?;
+        let preprocessor = Arc::new(Preprocessor::new(card.card.input.clone(), config.max_pixels));
+        Ok(App {
+            config,
+            card,
+            preprocessor,
+            profiles,
+            metrics,
+            fingerprint,
+            batcher: OnceLock::new(),
+            loaded: OnceLock::new(),
+            phase: watch::Sender::new(Phase::Loading),
+            started: Instant::now(),
+        })
+    }
+
+    /// Loads one engine per session, warms each with a full batch, and starts the batcher.
+    /// Blocking: run it on the blocking pool.
+    pub fn load_model(&self) -> Result<Loaded, StartError> {
+        let result = self.load_engines();
+        self.phase.send_replace(if result.is_ok() { Phase::Ready } else { Phase::Failed });
+        result
+    }
+
+    fn load_engines(&self) -> Result<Loaded, StartError> {
+        let cfg = &self.config;
+        let opts = EngineOptions {
+            library: cfg.ort_library.clone(),
+            provider: cfg.provider,
+            optimization: cfg.optimization,
+            threads: cfg.threads,
+        };
+        let per_image = self.preprocessor.tensor_len();
+        let warm = cfg.tuning.max_batch_size as usize;
+        let mut engines = Vec::with_capacity(cfg.sessions);
+        for _ in 0..cfg.sessions {
+            let mut engine = Engine::load(&self.card, &opts)?;
+            let started = Instant::now();
+            engine.run(vec![0.0; per_image], 1)?;
+            engine.run(vec![0.0; per_image * warm], warm)?;
+            tracing::info!(ms = started.elapsed().as_millis() as u64, batch = warm, "session warmed up");
+            engines.push(engine);
+        }
+        let loaded = Loaded { provider: engines[0].provider(), variant: engines[0].variant() };
+        self.metrics.set_model(&self.card.card.name, loaded.variant.as_str(), loaded.provider.as_str());
+        let batcher = Batcher::start(engines, cfg.tuning, cfg.queue_capacity, Arc::clone(&self.metrics));
+        let _ = self.loaded.set(loaded);
+        let _ = self.batcher.set(batcher);
+        Ok(loaded)
+    }
+
+    /// The batcher, once the model is ready.
+    pub fn batcher(&self) -> Option<&Batcher> {
+        self.batcher.get().filter(|_| self.is_ready())
+    }
+
+    /// The batcher even while draining (for tuning and reports).
+    pub fn batcher_any(&self) -> Option<&Batcher> {
+        self.batcher.get()
+    }
+
+    /// Provider and variant, once loaded.
+    pub fn loaded(&self) -> Option<Loaded> {
+        self.loaded.get().copied()
+    }
+
+    /// Whether requests should be sent here.
+    pub fn is_ready(&self) -> bool {
+        *self.phase.borrow() == Phase::Ready
+    }
+
+    /// Waits until the model is ready (`Ok`) or has failed or the server is stopping (`Err`).
+    pub async fn wait_ready(&self) -> Result<(), Phase> {
+        let mut rx = self.phase.subscribe();
+        match rx.wait_for(|p| *p != Phase::Loading).await.map(|p| *p) {
+            Ok(Phase::Ready) => Ok(()),
+            Ok(other) => Err(other),
+            Err(_) => Err(Phase::Failed),
+        }
+    }
+
+    /// Stops reporting ready (first step of shutdown).
+    pub fn set_draining(&self) {
+        self.phase.send_replace(Phase::Draining);
+    }
+
+    /// Stops the batcher after queued work has run.
+    pub fn drain(&self) {
+        if let Some(b) = self.batcher.get() {
+            b.shutdown();
+        }
+    }
+}
+
+/// Names the model family: its name and the checksum of its first variant. The variants of one
+/// model (fp32/fp16/int8) give embeddings close enough to compare, so they share a fingerprint.
+fn fingerprint(card: &LoadedCard) -> String {
+    let sha = card.variants().next().map(|(_, f)| f.sha256.as_str()).unwrap_or("");
+    format!("{}@{}", card.card.name, &sha[..sha.len().min(16)])
+}

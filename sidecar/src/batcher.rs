@@ -1,0 +1,324 @@
+//! The dynamic batcher: many concurrent requests, few large inference calls.
+//!
+//! Requests wait in a bounded queue with three priority lanes. Each model session has its own OS
+//! thread (inference is CPU/GPU-bound and must not block the async reactor); the thread takes the
+//! oldest highest-priority request, then keeps filling the batch until it holds `max_batch_size`
+//! images or the first request has waited `max_delay_ms`, whichever comes first. Under load the
+//! queue is never empty, so batches fill at once and no time is spent waiting. Both limits come
+//! from the live [`Tuning`] and can change at any moment without a restart.
+//!
+//! A request whose deadline has passed, or whose caller has gone away, is answered (or dropped)
+//! when it is taken from the queue and never runs. A full queue refuses new work at once, so the
+//! caller can answer 429 instead of letting latency grow without bound.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use inferpool_crds::Tuning;
+use tokio::sync::oneshot;
+
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+
+/// Request priority, from the `X-Priority` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    /// Served before everything else.
+    High = 0,
+    /// The default.
+    #[default]
+    Normal = 1,
+    /// Served when nothing else waits.
+    Low = 2,
+}
+
+/// One embedding out of a batch, with where its time went.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// The model's output for this image.
+    pub embedding: Vec<f32>,
+    /// Time spent waiting in the queue.
+    pub queue_wait: Duration,
+    /// Time the whole batch spent in the model.
+    pub inference: Duration,
+    /// Images in the batch this one ran in.
+    pub batch_size: usize,
+}
+
+/// Why a request got no embedding.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BatchError {
+    /// The queue is at capacity.
+    #[error("the inference queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    /// The batcher no longer accepts work.
+    #[error("the sidecar is shutting down")]
+    ShuttingDown,
+    /// The deadline passed before the embedding was ready.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The model failed on the batch.
+    #[error("inference failed: {0}")]
+    Engine(String),
+}
+
+/// A tuning push with an older generation than the one in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("tuning generation {offered} is older than generation {current} in force")]
+pub struct StaleTuning {
+    /// Generation in force.
+    pub current: u64,
+    /// Generation offered.
+    pub offered: u64,
+}
+
+struct Job {
+    input: Vec<f32>,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Embedded, BatchError>>,
+}
+
+struct State {
+    lanes: [VecDeque<Job>; 3],
+    /// Requests not yet running: queued, or in a batch that is still filling.
+    len: usize,
+    tuning: Tuning,
+    closed: bool,
+}
+
+impl State {
+    fn pop(&mut self) -> Option<Job> {
+        self.lanes.iter_mut().find_map(VecDeque::pop_front)
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A worker that panicked while holding the lock left the queue consistent (every
+        // mutation is a single push/pop), so the state is still safe to use.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The batch queue and its worker threads.
+pub struct Batcher {
+    shared: Arc<Shared>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Batcher {
+    /// Starts one worker thread per engine.
+    pub fn start(engines: Vec<Engine>, tuning: Tuning, capacity: usize, metrics: Arc<Metrics>) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { lanes: Default::default(), len: 0, tuning, closed: false }),
+            wake: Condvar::new(),
+            capacity,
+            metrics,
+        });
+        publish_tuning(&shared.metrics, &tuning);
+        let workers = engines
+            .into_iter()
+            .enumerate()
+            .map(|(i, engine)| {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("inferpool-session-{i}"))
+                    .spawn(move || worker(&shared, engine))
+            })
+            .filter_map(|spawned| {
+                spawned.map_err(|e| tracing::error!(error = %e, "cannot start a session thread")).ok()
+            })
+            .collect();
+        Batcher { shared, workers: Mutex::new(workers) }
+    }
+
+    /// Queues one image tensor and waits for its embedding until `deadline`.
+    pub async fn embed(&self, input: Vec<f32>, priority: Priority, deadline: Instant) -> Result<Embedded, BatchError> {
+        let rx = self.submit(input, priority, deadline)?;
+        // The receiver is dropped when this statement ends, which marks the job abandoned.
+        let outcome = tokio::time::timeout_at(deadline.into(), rx).await;
+        match outcome {
+            Ok(Ok(result)) => result,
+            // The worker dropped the job without answering: only happens when it stopped.
+            Ok(Err(_)) => Err(BatchError::ShuttingDown),
+            Err(_) => {
+                // Let a worker filling a batch release the abandoned job's queue slot now.
+                self.shared.wake.notify_all();
+                Err(BatchError::DeadlineExceeded)
+            }
+        }
+    }
+
+    fn submit(
+        &self,
+        input: Vec<f32>,
+        priority: Priority,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Result<Embedded, BatchError>>, BatchError> {
+        let now = Instant::now();
+        if deadline <= now {
+            return Err(BatchError::DeadlineExceeded);
+        }
+        let (reply, rx) = oneshot::channel();
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(BatchError::ShuttingDown);
+        }
+        if state.len >= self.shared.capacity {
+            return Err(BatchError::QueueFull(state.len));
+        }
+        state.lanes[priority as usize].push_back(Job { input, enqueued: now, deadline, reply });
+        state.len += 1;
+        self.shared.metrics.queue_depth.set(state.len as i64);
+        drop(state);
+        self.shared.wake.notify_one();
+        Ok(rx)
+    }
+
+    /// The tuning in force.
+    pub fn tuning(&self) -> Tuning {
+        self.shared.lock().tuning
+    }
+
+    /// Applies a tuning at once (the next batch uses it); refuses an older generation.
+    pub fn set_tuning(&self, tuning: Tuning) -> Result<(), StaleTuning> {
+        let mut state = self.shared.lock();
+        if tuning.generation < state.tuning.generation {
+            return Err(StaleTuning { current: state.tuning.generation, offered: tuning.generation });
+        }
+        state.tuning = tuning;
+        drop(state);
+        publish_tuning(&self.shared.metrics, &tuning);
+        // A worker filling a batch re-reads the limits when woken.
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    /// Requests waiting now.
+    pub fn depth(&self) -> usize {
+        self.shared.lock().len
+    }
+
+    /// Stops accepting work; queued requests still run. Returns once every worker has finished.
+    pub fn shutdown(&self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn publish_tuning(metrics: &Metrics, tuning: &Tuning) {
+    metrics.tuning_generation.set(tuning.generation as i64);
+    metrics.tuning_max_batch.set(i64::from(tuning.max_batch_size));
+    metrics.tuning_max_delay.set(f64::from(tuning.max_delay_ms) / 1e3);
+}
+
+/// A session thread: take a batch, run it, answer, repeat until closed and drained.
+fn worker(shared: &Shared, mut engine: Engine) {
+    while let Some(batch) = next_batch(shared) {
+        run_batch(shared, &mut engine, batch);
+    }
+}
+
+/// Waits for work and collects the next batch; `None` once closed and empty.
+fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
+    let mut state = shared.lock();
+    let mut batch = Vec::new();
+    let mut window_end = None;
+    loop {
+        let before = batch.len();
+        batch.retain(|job: &Job| !job.reply.is_closed());
+        state.len -= before - batch.len();
+        if batch.is_empty() {
+            window_end = None;
+        }
+        let max = state.tuning.max_batch_size as usize;
+        while batch.len() < max {
+            let Some(job) = state.pop() else { break };
+            match admit(job) {
+                Some(job) => {
+                    window_end
+                        .get_or_insert(job.enqueued + Duration::from_millis(u64::from(state.tuning.max_delay_ms)));
+                    batch.push(job);
+                }
+                None => state.len -= 1,
+            }
+        }
+        let now = Instant::now();
+        match window_end {
+            Some(end) if batch.len() >= max || now >= end || state.closed => {
+                state.len -= batch.len();
+                shared.metrics.queue_depth.set(state.len as i64);
+                return Some(batch);
+            }
+            Some(end) => state = shared.wake.wait_timeout(state, end - now).unwrap_or_else(|p| p.into_inner()).0,
+            None if state.closed => return None,
+            None => state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+}
+
+/// Keeps a job only if its caller still waits and its deadline has not passed.
+fn admit(job: Job) -> Option<Job> {
+    if job.reply.is_closed() {
+        return None;
+    }
+    if Instant::now() >= job.deadline {
+        let _ = job.reply.send(Err(BatchError::DeadlineExceeded));
+        return None;
+    }
+    Some(job)
+}
+
+fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
+    let n = batch.len();
+    let started = Instant::now();
+    let per_image = batch[0].input.len();
+    let mut input = Vec::with_capacity(n * per_image);
+    let mut replies = Vec::with_capacity(n);
+    for job in batch {
+        input.extend_from_slice(&job.input);
+        let wait = started.duration_since(job.enqueued);
+        shared.metrics.queue_wait(wait);
+        replies.push((job.reply, wait));
+    }
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(input, n)))
+        .unwrap_or_else(|_| Err(crate::engine::EngineError::Mismatch("the engine panicked".into())));
+    let inference = started.elapsed();
+    match result {
+        Ok(output) => {
+            shared.metrics.batch(n, inference);
+            let dim = output.len() / n;
+            for ((reply, queue_wait), embedding) in replies.into_iter().zip(output.chunks_exact(dim)) {
+                let _ =
+                    reply.send(Ok(Embedded { embedding: embedding.to_vec(), queue_wait, inference, batch_size: n }));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, batch = n, "inference failed");
+            for (reply, _) in replies {
+                let _ = reply.send(Err(BatchError::Engine(e.to_string())));
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The ONNX Runtime engine: one `ort` session that turns a batch of image tensors into embeddings.
+//!
+//! The runtime library is loaded at run time (`load-dynamic`) from the first of: `--ort-library`,
+//! `ORT_DYLIB_PATH`, next to the binary, the checkout's `.cache/onnxruntime/` (put there by
+//! `make setup`), or the system library path. Execution providers are tried CUDA first, then CPU;
+//! the one in use is reported in logs, metrics and the SLA report.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::ep::{self, ExecutionProvider};
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::value::Tensor;
+
+use crate::config::ProviderChoice;
+use crate::model::{Layout, LoadedCard, Optimization, Variant};
+
+/// Name of the ONNX Runtime library on this platform.
+const ORT_LIB: &str = "libonnxruntime.so";
+
+/// Why the engine could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The ONNX Runtime library was not found or is too old.
+    #[error("cannot load ONNX Runtime ({0}); run `make setup`, or point --ort-library at libonnxruntime.so")]
+    Library(String),
+    /// CUDA was required but cannot be used.
+    #[error("CUDA execution provider unavailable: {0}")]
+    CudaUnavailable(String),
+    /// The model card or file is unusable.
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    /// The model does not have the input or output the card names, or has the wrong shape.
+    #[error("model does not match its card: {0}")]
+    Mismatch(String),
+    /// ONNX Runtime failed.
+    #[error("onnxruntime: {0}")]
+    Ort(#[from] ort::Error),
+}
+
+/// Execution provider in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// NVIDIA CUDA.
+    Cuda,
+    /// The CPU.
+    Cpu,
+}
+
+impl Provider {
+    /// Lower-case name for metrics and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Cuda => "cuda",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
+/// How to build sessions.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Explicit library path.
+    pub library: Option<PathBuf>,
+    /// Provider choice.
+    pub provider: ProviderChoice,
+    /// Optimisation level (variant and graph optimisation).
+    pub optimization: Optimization,
+    /// Intra-op threads per session.
+    pub threads: usize,
+}
+
+/// The process-wide ONNX Runtime environment, loaded once.
+fn environment(library: Option<&Path>) -> Result<&'static Environment, EngineError> {
+    static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = find_library(library);
+        let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
+        builder.with_name("inferpool").with_telemetry(false).build().map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| EngineError::Library(e.clone()))
+}
+
+/// The first ONNX Runtime library that exists among the known places.
+fn find_library(explicit: Option<&Path>) -> PathBuf {
+    let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let candidates = [
+        explicit.map(Path::to_path_buf),
+        std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+        exe_dir.as_ref().map(|d| d.join(ORT_LIB)),
+        exe_dir.as_ref().map(|d| d.join("../lib").join(ORT_LIB)),
+        crate::config::source_root().map(|r| r.join(".cache/onnxruntime").join(ORT_LIB)),
+    ];
+    candidates.into_iter().flatten().find(|p| p.exists()).unwrap_or_else(|| PathBuf::from(ORT_LIB))
+}
+
+/// Picks the provider: CUDA when asked or available and it registers, else the CPU.
+fn choose_provider(opts: &EngineOptions) -> Result<Provider, EngineError> {
+    let cuda_built = ep::CUDA::is_available().unwrap_or(false);
+    match opts.provider {
+        ProviderChoice::Cpu => Ok(Provider::Cpu),
+        ProviderChoice::Cuda if !cuda_built => Err(EngineError::CudaUnavailable(
+            "this ONNX Runtime library has no CUDA provider (install the onnxruntime-gpu build)".into(),
+        )),
+        ProviderChoice::Auto if !cuda_built => Ok(Provider::Cpu),
+        _ => Ok(Provider::Cuda),
+    }
+}
+
+/// One loaded model session.
+pub struct Engine {
+    session: Session,
+    input_name: String,
+    output_name: String,
+    /// Shape of one image: [C, H, W] or [H, W, C].
+    image_shape: [usize; 3],
+    dim: usize,
+    provider: Provider,
+    variant: Variant,
+}
+
+impl Engine {
+    /// Loads the model variant that the optimisation level and provider call for, verified against
+    /// the card's sha256.
+    pub fn load(card: &LoadedCard, opts: &EngineOptions) -> Result<Engine, EngineError> {
+        let env = environment(opts.library.as_deref())?;
+        let mut provider = choose_provider(opts)?;
+        let (mut variant, mut path) = card.choose(opts.optimization, provider == Provider::Cuda);
+        card.verify(variant, &path)?;
+        let mut builder = session_builder(env, opts)?;
+        if provider == Provider::Cuda {
+            let cuda = ep::CUDA::default().build().error_on_failure();
+            match builder.clone().with_execution_providers([cuda]) {
+                Ok(b) => builder = b,
+                Err(e) if opts.provider == ProviderChoice::Auto => {
+                    tracing::warn!(error = %e, "CUDA provider failed to register; using the CPU");
+                    provider = Provider::Cpu;
+                    (variant, path) = card.choose(opts.optimization, false);
+                    card.verify(variant, &path)?;
+                }
+                Err(e) => return Err(EngineError::CudaUnavailable(e.to_string())),
+            }
+        }
+        let session = builder.commit_from_file(&path)?;
+        let engine = Self::check(session, card, provider, variant)?;
+        tracing::info!(model = %card.card.name, variant = variant.as_str(), provider = provider.as_str(), threads = opts.threads, file = %path.display(), "model loaded");
+        Ok(engine)
+    }
+
+    /// Checks the session's input and output against the card.
+    fn check(session: Session, card: &LoadedCard, provider: Provider, variant: Variant) -> Result<Engine, EngineError> {
+        let spec = &card.card;
+        if !session.inputs().iter().any(|i| i.name() == spec.input.name) {
+            let names: Vec<_> = session.inputs().iter().map(|i| i.name().to_owned()).collect();
+            return Err(EngineError::Mismatch(format!("no input {:?} (inputs: {names:?})", spec.input.name)));
+        }
+        if !session.outputs().iter().any(|o| o.name() == spec.output.name) {
+            let names: Vec<_> = session.outputs().iter().map(|o| o.name().to_owned()).collect();
+            return Err(EngineError::Mismatch(format!("no output {:?} (outputs: {names:?})", spec.output.name)));
+        }
+        let (w, h) = (spec.input.width as usize, spec.input.height as usize);
+        let image_shape = match spec.input.layout {
+            Layout::Nchw => [3, h, w],
+            Layout::Nhwc => [h, w, 3],
+        };
+        Ok(Engine {
+            session,
+            input_name: spec.input.name.clone(),
+            output_name: spec.output.name.clone(),
+            image_shape,
+            dim: spec.output.dim,
+            provider,
+            variant,
+        })
+    }
+
+    /// Runs `n` images laid end to end in `batch` and returns `n * dim` embedding values.
+    pub fn run(&mut self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>, EngineError> {
+        let [a, b, c] = self.image_shape;
+        let input = Tensor::from_array(([n, a, b, c], batch))?;
+        let outputs = self.session.run(ort::inputs![self.input_name.as_str() => input])?;
+        let (shape, data) = outputs[self.output_name.as_str()].try_extract_tensor::<f32>()?;
+        if data.len() != n * self.dim {
+            return Err(EngineError::Mismatch(format!(
+                "output {:?} has shape {shape:?}, expected [{n}, {}]",
+                self.output_name, self.dim
+            )));
+        }
+        Ok(data.to_vec())
+    }
+
+    /// Provider in use.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
+    /// Variant loaded.
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// Embedding dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+}
+
+/// A session builder with the threads and graph optimisation of the optimisation level.
+fn session_builder(env: &Environment, opts: &EngineOptions) -> Result<SessionBuilder, EngineError> {
+    // Accuracy keeps to the basic, numerically exact rewrites; the others allow layout changes
+    // and fusions that may move results in the last bits.
+    let level = match opts.optimization {
+        Optimization::Accuracy => GraphOptimizationLevel::Level1,
+        _ => GraphOptimizationLevel::All,
+    };
+    let builder = Session::builder(env)?
+        .with_optimization_level(level)
+        .map_err(ort::Error::<()>::from)?
+        .with_intra_threads(opts.threads)
+        .map_err(ort::Error::<()>::from)?
+        .with_inter_threads(1)
+        .map_err(ort::Error::<()>::from)?
+        // Memory: no pre-planned arena patterns, which trade memory for speed.
+        .with_memory_pattern(opts.optimization != Optimization::Memory)
+        .map_err(ort::Error::<()>::from)?;
+    Ok(builder)
+}

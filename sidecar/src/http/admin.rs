@@ -1,0 +1,88 @@
+//! The admin listener: probes, metrics and live tuning pushes from the operator.
+//!
+//! It listens on its own port so that a NetworkPolicy can let only the operator reach it, and
+//! tuning pushes also need the pool's bearer token.
+
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use inferpool_crds::Tuning;
+use serde_json::json;
+
+use super::api::{json_error, metrics_text, readiness};
+use super::{ApiError, Resp, Routed, json, read_body};
+use crate::app::App;
+use crate::metrics::Route;
+
+/// Largest tuning document accepted.
+const MAX_TUNING_BYTES: usize = 64 * 1024;
+
+/// Dispatches a request on the admin listener.
+pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match (path.as_str(), method) {
+        ("/live", Method::GET) => (Route::Probes, Ok(json(StatusCode::OK, &json!({"status": "alive"})))),
+        ("/ready", Method::GET) => (Route::Probes, readiness(app)),
+        ("/metrics", Method::GET) => (Route::Metrics, Ok(metrics_text(app))),
+        ("/api/v1/tuning", Method::GET) => (Route::Tuning, Ok(json(StatusCode::OK, &current(app)))),
+        ("/api/v1/tuning", Method::PUT) => (Route::Tuning, put_tuning(app, req).await),
+        ("/live" | "/ready" | "/metrics" | "/api/v1/tuning", m) => {
+            (Route::Unknown, Err(ApiError::MethodNotAllowed(m.to_string())))
+        }
+        _ => (Route::Unknown, Err(ApiError::NotFound(path))),
+    }
+}
+
+fn current(app: &App) -> Tuning {
+    app.batcher_any().map_or(app.config.tuning, |b| b.tuning())
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let expected = app.config.admin_token.as_deref().ok_or(ApiError::Unauthorized)?;
+    let offered = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    if same_token(offered.trim().as_bytes(), expected.as_bytes()) { Ok(()) } else { Err(ApiError::Unauthorized) }
+}
+
+async fn put_tuning(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    authorize(app, &req)?;
+    let body = read_body(req, MAX_TUNING_BYTES).await?;
+    let tuning: Tuning = serde_json::from_slice(&body).map_err(json_error)?;
+    tuning.validate().map_err(|errors| {
+        ApiError::Unprocessable(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+    })?;
+    let batcher = app.batcher_any().ok_or(ApiError::NotReady)?;
+    batcher.set_tuning(tuning)?;
+    tracing::info!(
+        generation = tuning.generation,
+        max_batch = tuning.max_batch_size,
+        max_delay_ms = tuning.max_delay_ms,
+        "tuning applied"
+    );
+    Ok(json(StatusCode::OK, &batcher.tuning()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_token;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same_token(b"secret", b"secret"));
+        assert!(!same_token(b"secret", b"secreT"));
+        assert!(!same_token(b"secret", b"secret2"));
+        assert!(!same_token(b"", b"x"));
+    }
+}

@@ -1,0 +1,383 @@
+//! The public API: embedding, matching, scanning, profiles, probes and reports.
+//!
+//! Handlers parse and check everything they can before any inference runs (unknown profile, bad
+//! headers, a deadline already past), so a bad request never costs model time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, Method, Request, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ApiError, Resp, Routed, blocking, json, read_body, text};
+use crate::app::App;
+use crate::batcher::{Embedded, Priority};
+use crate::matcher;
+use crate::metrics::Route;
+use crate::profiles::Profile;
+use crate::report;
+
+/// Shortest deadline a profile upload gets: it may embed many images.
+const PROFILE_UPLOAD_DEADLINE: Duration = Duration::from_secs(30);
+/// Most results a scan returns.
+const MAX_TOP_K: usize = 100;
+
+/// Dispatches a request on the public listener.
+pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    if let Some(id) = path.strip_prefix("/api/v1/profiles/") {
+        let id = id.to_owned();
+        let result = match method {
+            Method::PUT => put_profile(app, &id, req).await,
+            Method::GET => get_profile(app, &id, req.uri().query()),
+            Method::DELETE => delete_profile(app, &id),
+            m => Err(ApiError::MethodNotAllowed(m.to_string())),
+        };
+        return (Route::Profiles, result);
+    }
+    let route = match path.as_str() {
+        "/api/v1/embed" => Route::Embed,
+        "/api/v1/match" => Route::Match,
+        "/api/v1/scan" => Route::Scan,
+        "/healthz" | "/readyz" => Route::Probes,
+        "/metrics" => Route::Metrics,
+        "/api/v1/metrics/sla" | "/api/v1/metrics/performance" | "/api/v1/metrics/ai-inference" => Route::Reports,
+        _ => return (Route::Unknown, Err(ApiError::NotFound(path))),
+    };
+    let wanted = if route.is_inference() { Method::POST } else { Method::GET };
+    if method != wanted {
+        return (route, Err(ApiError::MethodNotAllowed(method.to_string())));
+    }
+    let result = match path.as_str() {
+        "/api/v1/embed" => embed(app, req).await,
+        "/api/v1/match" => match_profile(app, req).await,
+        "/api/v1/scan" => scan(app, req).await,
+        "/healthz" => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
+        "/readyz" => readiness(app),
+        "/metrics" => Ok(metrics_text(app)),
+        "/api/v1/metrics/sla" => Ok(json(StatusCode::OK, &report::sla(app))),
+        "/api/v1/metrics/performance" => Ok(json(StatusCode::OK, &report::performance(app))),
+        _ => Ok(json(StatusCode::OK, &report::ai_inference(app))),
+    };
+    (route, result)
+}
+
+/// 200 once the model is loaded and warmed, 503 before and while draining.
+pub fn readiness(app: &App) -> Result<Resp, ApiError> {
+    if app.is_ready() { Ok(json(StatusCode::OK, &json!({"status": "ready"}))) } else { Err(ApiError::NotReady) }
+}
+
+/// Prometheus text exposition.
+pub fn metrics_text(app: &App) -> Resp {
+    text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.encode())
+}
+
+/// Priority and deadline of a request, from its headers.
+struct RequestOptions {
+    priority: Priority,
+    deadline: Instant,
+}
+
+fn request_options(app: &App, headers: &HeaderMap, min_deadline: Duration) -> Result<RequestOptions, ApiError> {
+    let arrived = Instant::now();
+    let header = |name: &'static str| -> Result<Option<&str>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map_err(|_| ApiError::BadHeader { name, message: "not ASCII".into() }))
+            .transpose()
+    };
+    let priority = match header("x-priority")?.map(|v| v.trim().to_ascii_lowercase()) {
+        None => Priority::Normal,
+        Some(v) if v == "high" => Priority::High,
+        Some(v) if v == "normal" => Priority::Normal,
+        Some(v) if v == "low" => Priority::Low,
+        Some(v) => {
+            return Err(ApiError::BadHeader {
+                name: "X-Priority",
+                message: format!("{v:?}: expected high, normal or low"),
+            });
+        }
+    };
+    let budget = match header("x-deadline-ms")? {
+        None => app.config.default_deadline.max(min_deadline),
+        Some(v) => v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| ApiError::BadHeader {
+            name: "X-Deadline-Ms",
+            message: format!("{v:?}: expected whole milliseconds"),
+        })?,
+    };
+    let deadline = arrived + budget;
+    if budget.is_zero() {
+        return Err(crate::batcher::BatchError::DeadlineExceeded.into());
+    }
+    Ok(RequestOptions { priority, deadline })
+}
+
+/// Refuses bodies that say they are something other than an image.
+fn require_image(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(CONTENT_TYPE) else { return Ok(()) };
+    let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+    if ct.starts_with("image/") || ct.starts_with("application/octet-stream") {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType { got: ct, want: "an image (Content-Type: image/jpeg, image/png, ...)" })
+    }
+}
+
+/// Decodes and normalises an image on the blocking pool, then queues it for inference.
+async fn embed_bytes(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Result<Embedded, ApiError> {
+    let batcher = app.batcher().ok_or(ApiError::NotReady)?;
+    if bytes.is_empty() {
+        return Err(ApiError::EmptyBody);
+    }
+    let pre = Arc::clone(&app.preprocessor);
+    let tensor = blocking(move || pre.prepare(&bytes)).await??;
+    Ok(batcher.embed(tensor, opts.priority, opts.deadline).await?)
+}
+
+/// Checks headers, reads the image body and embeds it.
+async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Embedded, Instant), ApiError> {
+    let started = Instant::now();
+    if !app.is_ready() {
+        return Err(ApiError::NotReady);
+    }
+    require_image(req.headers())?;
+    let opts = request_options(app, req.headers(), Duration::ZERO)?;
+    let body = read_body(req, app.config.max_body_bytes).await?;
+    Ok((embed_bytes(app, body, &opts).await?, started))
+}
+
+/// An f32 as the f64 with the same shortest decimal form (0.6, not 0.6000000238418579).
+fn num(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::NAN)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+async fn embed(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let (e, started) = embed_request(app, req).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "embedding": e.embedding,
+            "dim": e.embedding.len(),
+            "model": app.card.card.name,
+            "cache": "miss",
+            "timing_ms": {"queue": ms(e.queue_wait), "inference": ms(e.inference), "total": ms(started.elapsed())},
+        }),
+    ))
+}
+
+/// The query parameter `name`, if present.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// A profile that may be matched against: it exists and was made by the model now served.
+fn usable_profile(app: &App, id: &str) -> Result<Arc<Profile>, ApiError> {
+    let profile = app.profiles.get(id)?;
+    if profile.is_stale(&app.fingerprint) {
+        return Err(ApiError::StaleProfile(id.to_owned()));
+    }
+    Ok(profile)
+}
+
+/// A unit-length copy of the embedding, for cosine scores.
+fn unit(mut v: Vec<f32>) -> Result<Vec<f32>, ApiError> {
+    if matcher::normalize(&mut v) {
+        Ok(v)
+    } else {
+        Err(ApiError::Internal("the model returned a zero or non-finite embedding".into()))
+    }
+}
+
+async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let id = query_param(req.uri().query(), "profile")
+        .filter(|id| !id.is_empty())
+        .ok_or(ApiError::BadQuery { name: "profile", message: "required: POST /api/v1/match?profile=<id>".into() })?
+        .to_owned();
+    let profile = usable_profile(app, &id)?;
+    let (e, started) = embed_request(app, req).await?;
+    let query = unit(e.embedding)?;
+    let threshold = profile.threshold.unwrap_or(app.card.card.match_threshold);
+    let (reference, score) = profile.best_match(&query).map_or((None, -1.0), |(r, s)| (Some(r.to_owned()), s));
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "profile": id,
+            "matched": score >= threshold,
+            "score": num(score),
+            "reference": reference,
+            "threshold": num(threshold),
+            "cache": "miss",
+            "latency_ms": ms(started.elapsed()),
+        }),
+    ))
+}
+
+async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let top_k = match query_param(req.uri().query(), "top_k") {
+        None => 5,
+        Some(v) => v.parse::<usize>().ok().filter(|k| (1..=MAX_TOP_K).contains(k)).ok_or_else(|| {
+            ApiError::BadQuery { name: "top_k", message: format!("{v:?}: expected a whole number in 1..={MAX_TOP_K}") }
+        })?,
+    };
+    let (e, started) = embed_request(app, req).await?;
+    let query = unit(e.embedding)?;
+    let default_threshold = app.card.card.match_threshold;
+    let profiles = app.profiles.all();
+    let mut matches: Vec<_> = profiles
+        .iter()
+        .filter(|p| !p.is_stale(&app.fingerprint))
+        .filter_map(|p| {
+            let threshold = p.threshold.unwrap_or(default_threshold);
+            let (reference, score) = p.best_match(&query)?;
+            (score >= threshold).then(|| {
+                (
+                    score,
+                    json!({"profile": p.id, "reference": reference, "score": num(score), "threshold": num(threshold)}),
+                )
+            })
+        })
+        .collect();
+    matches.sort_by(|a, b| b.0.total_cmp(&a.0));
+    matches.truncate(top_k);
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "matches": matches.into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
+            "profiles_checked": profiles.len(),
+            "cache": "miss",
+            "latency_ms": ms(started.elapsed()),
+        }),
+    ))
+}
+
+/// Body of `PUT /api/v1/profiles/{id}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileBody {
+    #[serde(default)]
+    threshold: Option<f32>,
+    references: Vec<ReferenceBody>,
+}
+
+/// One reference: an image (base64) or an embedding computed elsewhere with the same model.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReferenceBody {
+    id: String,
+    #[serde(default)]
+    image_b64: Option<String>,
+    #[serde(default)]
+    embedding: Option<Vec<f32>>,
+}
+
+async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    crate::profiles::check_id(id)?;
+    if let Some(ct) = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok())
+        && !ct.to_ascii_lowercase().starts_with("application/json")
+    {
+        return Err(ApiError::UnsupportedMediaType { got: ct.to_owned(), want: "application/json" });
+    }
+    let opts = request_options(app, req.headers(), PROFILE_UPLOAD_DEADLINE)?;
+    let body = read_body(req, app.config.max_body_bytes).await?;
+    let body: ProfileBody = serde_json::from_slice(&body).map_err(json_error)?;
+    // Decode everything first so a bad reference costs no inference.
+    let mut pending = Vec::with_capacity(body.references.len());
+    for (i, r) in body.references.into_iter().enumerate() {
+        let source = match (r.image_b64, r.embedding) {
+            (Some(b64), None) => base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map(|b| Source::Image(Bytes::from(b)))
+                .map_err(|e| ApiError::BadBase64 {
+                    field: format!("references[{i}].image_b64"),
+                    message: e.to_string(),
+                })?,
+            (None, Some(embedding)) => Source::Embedding(embedding),
+            _ => {
+                let msg = "give exactly one of image_b64 or embedding".to_owned();
+                return Err(ApiError::InReference(i, Box::new(ApiError::Unprocessable(msg))));
+            }
+        };
+        pending.push((r.id, source));
+    }
+    // Images of one upload are queued together, so they run as one batch.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (_, source)) in pending.iter().enumerate() {
+        if let Source::Image(bytes) = source {
+            let (app, bytes) = (Arc::clone(app), bytes.clone());
+            let opts = RequestOptions { priority: opts.priority, deadline: opts.deadline };
+            tasks.spawn(async move { (i, embed_bytes(&app, bytes, &opts).await) });
+        }
+    }
+    let mut embedded = vec![None; pending.len()];
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.map_err(|e| ApiError::Internal(e.to_string()))?;
+        embedded[i] = Some(result.map_err(|e| ApiError::InReference(i, Box::new(e)))?.embedding);
+    }
+    let refs = pending
+        .into_iter()
+        .zip(embedded)
+        .map(|((rid, source), e)| match source {
+            Source::Embedding(v) => (rid, v),
+            Source::Image(_) => (rid, e.unwrap_or_default()),
+        })
+        .collect();
+    let (profile, created) = blocking({
+        let app = Arc::clone(app);
+        let (id, threshold) = (id.to_owned(), body.threshold);
+        move || app.profiles.put(&id, threshold, refs)
+    })
+    .await??;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(json(status, &json!({"id": profile.id, "references": profile.references.len(), "version": profile.version})))
+}
+
+enum Source {
+    Image(Bytes),
+    Embedding(Vec<f32>),
+}
+
+/// Syntax errors are 400; well-formed JSON with the wrong content is 422.
+pub fn json_error(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => ApiError::Unprocessable(e.to_string()),
+        _ => ApiError::BadJson(e.to_string()),
+    }
+}
+
+fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
+    let p = app.profiles.get(id)?;
+    let with_embeddings = query_param(query, "include") == Some("embeddings");
+    let references: Vec<_> = p
+        .references
+        .iter()
+        .map(|r| if with_embeddings { json!({"id": r.id, "embedding": r.embedding}) } else { json!({"id": r.id}) })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "id": p.id,
+            "threshold": num(p.threshold.unwrap_or(app.card.card.match_threshold)),
+            "references": references,
+            "version": p.version,
+            "model": p.model,
+            "stale": p.is_stale(&app.fingerprint),
+            "updated_at": p.updated_at,
+        }),
+    ))
+}
+
+fn delete_profile(app: &App, id: &str) -> Result<Resp, ApiError> {
+    app.profiles.delete(id)?;
+    Ok(json(StatusCode::OK, &json!({"id": id, "deleted": true})))
+}

@@ -1,0 +1,145 @@
+//! HTTP plumbing shared by the public API and the admin listener: the accept loop with graceful
+//! shutdown, body limits, JSON responses and per-request metrics.
+
+pub mod admin;
+pub mod api;
+pub mod error;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use error::ApiError;
+
+use crate::app::App;
+use crate::metrics::Route;
+
+/// Response type of every handler.
+pub type Resp = Response<Full<Bytes>>;
+
+/// A JSON response with the given status.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Resp {
+    let body = serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// The JSON error body for an [`ApiError`], with Retry-After on 429 and 503.
+pub fn error_response(err: &ApiError) -> Resp {
+    let (status, code) = err.status_code();
+    let mut resp = json(status, &serde_json::json!({"error": {"code": code, "message": err.to_string()}}));
+    if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// Reads the whole body, refusing more than `limit` bytes (by Content-Length before reading).
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge(limit)),
+        Err(e) => Err(ApiError::BodyRead(e.to_string())),
+    }
+}
+
+/// Which listener a connection arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The public API.
+    Public,
+    /// The admin listener.
+    Admin,
+}
+
+/// Routes one request, answers it, and records its metrics.
+async fn handle(app: Arc<App>, which: Listener, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let started = Instant::now();
+    let (route, result) = match which {
+        Listener::Public => api::route(&app, req).await,
+        Listener::Admin => admin::route(&app, req).await,
+    };
+    let resp = result.unwrap_or_else(|e| {
+        if e.status_code().0.is_server_error() {
+            tracing::warn!(route = route.as_str(), error = %e, "request failed");
+        }
+        error_response(&e)
+    });
+    app.metrics.request(route, resp.status().as_u16(), started.elapsed());
+    Ok(resp)
+}
+
+/// Result of routing: the route label and the handler's outcome.
+pub type Routed = (Route, Result<Resp, ApiError>);
+
+/// Accepts connections until `stop` turns true; each connection is watched for graceful shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    which: Listener,
+    graceful: &GracefulShutdown,
+    mut stop: watch::Receiver<bool>,
+) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let service = hyper::service::service_fn(move |req| handle(Arc::clone(&app), which, req));
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // Map the guard away at once: it must not live across an await.
+    let _ = stop.wait_for(|stopped| *stopped).await.map(|_| ());
+}
+
+/// Runs `f` on the blocking pool (CPU-bound work must not stall the reactor).
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(e.to_string()))
+}

@@ -1,0 +1,106 @@
+//! inferpool's inference sidecar.
+//!
+//! One process per model-replica pod. It serves image embedding and matching over HTTP, batches
+//! concurrent requests into ONNX Runtime, keeps profiles of reference images, and reports its SLA
+//! for the operator. A request flows `http::api` -> `preprocess` (blocking pool) -> `batcher` ->
+//! `engine` -> `matcher`; `metrics` and `sla` observe every step, `report` serves what they saw.
+//!
+//! [`run`] is the whole server as a library function: it takes bound listeners and a shutdown
+//! future, so tests bind port 0 and stop it cleanly.
+
+pub mod app;
+pub mod batcher;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod matcher;
+pub mod metrics;
+pub mod model;
+pub mod preprocess;
+pub mod profiles;
+pub mod report;
+pub mod sla;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use app::{App, Phase, StartError};
+pub use config::{Args, Config};
+
+/// Serves the public API on `listener` and the admin API on `admin` until `shutdown` completes.
+///
+/// The listeners answer at once (`/readyz` is 503 until the model is loaded and warmed). On
+/// shutdown the sidecar reports not-ready, stops accepting connections, lets in-flight requests
+/// and queued work finish within the grace period, and returns. A model that fails to load ends
+/// the server with the error.
+pub async fn run(
+    listener: TcpListener,
+    admin: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    serve(Arc::new(App::new(config)?), listener, admin, shutdown).await
+}
+
+/// [`run`] for an [`App`] the caller already holds (tests use it to await readiness).
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let grace = app.config.shutdown_grace;
+    if app.config.admin_token.is_none() {
+        tracing::warn!("no admin token configured: tuning pushes (PUT /api/v1/tuning) are refused");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let graceful = GracefulShutdown::new();
+    let public = http::serve(listener, Arc::clone(&app), http::Listener::Public, &graceful, stop_rx.clone());
+    let admin = http::serve(admin, Arc::clone(&app), http::Listener::Admin, &graceful, stop_rx);
+    let loader = {
+        let app = Arc::clone(&app);
+        tokio::task::spawn_blocking(move || app.load_model())
+    };
+    let mut serving = Box::pin(async {
+        tokio::join!(public, admin);
+    });
+    tokio::pin!(shutdown);
+    let mut loader = std::pin::pin!(loader);
+    let mut load_result = None;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = &mut serving => break,
+            loaded = &mut loader, if load_result.is_none() => {
+                match loaded.map_err(|e| StartError::Task(e.to_string())).and_then(|r| r) {
+                    Ok(l) => {
+                        tracing::info!(provider = l.provider.as_str(), variant = l.variant.as_str(), "ready");
+                        load_result = Some(Ok(()));
+                    }
+                    Err(e) => {
+                        load_result = Some(Err(e));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: not ready, draining connections and queued work");
+    app.set_draining();
+    let _ = stop_tx.send(true);
+    serving.as_mut().await;
+    drop(serving);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(seconds = grace.as_secs(), "grace period over; closing the remaining connections");
+    }
+    let drained = Arc::clone(&app);
+    let _ = tokio::task::spawn_blocking(move || drained.drain()).await;
+    match load_result {
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+}

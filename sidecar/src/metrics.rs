@@ -1,0 +1,227 @@
+//! Prometheus metrics and the trailing SLA windows, recorded together.
+//!
+//! Every recording method updates both the Prometheus series (for scraping and Grafana) and the
+//! [`Windows`] behind the SLA report, so the two can never disagree about what happened. Label
+//! values come from enums, so label sets stay bounded whatever clients send.
+
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::sla::Windows;
+
+/// Routes as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// POST /api/v1/embed
+    Embed,
+    /// POST /api/v1/match
+    Match,
+    /// POST /api/v1/scan
+    Scan,
+    /// PUT|GET|DELETE /api/v1/profiles/{id}
+    Profiles,
+    /// GET /api/v1/metrics/*
+    Reports,
+    /// /healthz, /readyz, /live, /ready
+    Probes,
+    /// GET /metrics
+    Metrics,
+    /// PUT /api/v1/tuning
+    Tuning,
+    /// Anything else (404/405).
+    Unknown,
+}
+
+impl Route {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Embed => "embed",
+            Route::Match => "match",
+            Route::Scan => "scan",
+            Route::Profiles => "profiles",
+            Route::Reports => "reports",
+            Route::Probes => "probes",
+            Route::Metrics => "metrics",
+            Route::Tuning => "tuning",
+            Route::Unknown => "unknown",
+        }
+    }
+
+    /// Whether the route serves model traffic and so counts towards the SLA.
+    pub fn is_inference(self) -> bool {
+        matches!(self, Route::Embed | Route::Match | Route::Scan | Route::Profiles)
+    }
+}
+
+/// All of the sidecar's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_wait: Histogram,
+    inference_duration: Histogram,
+    batch_size: Histogram,
+    /// Requests waiting in the batch queue.
+    pub queue_depth: IntGauge,
+    cache_requests: IntCounterVec,
+    model_info: IntGaugeVec,
+    /// Generation of the tuning in force.
+    pub tuning_generation: IntGauge,
+    /// Max batch size in force.
+    pub tuning_max_batch: IntGauge,
+    /// Max batch delay in force, in seconds.
+    pub tuning_max_delay: prometheus::Gauge,
+    images: IntCounter,
+    /// Trailing windows for the SLA report.
+    pub windows: Windows,
+}
+
+/// Latency buckets from 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let hist = |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, prometheus::Error> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let queue_wait =
+            hist("inferpool_queue_wait_seconds", "Time requests waited in the batch queue.", LATENCY_BUCKETS)?;
+        let inference_duration =
+            hist("inferpool_inference_duration_seconds", "Time one batch spent in the model.", LATENCY_BUCKETS)?;
+        let batch_size = hist(
+            "inferpool_batch_size",
+            "Images per inference batch.",
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new("inferpool_requests_total", "HTTP requests answered, by route and status code."),
+            &["route", "code"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("inferpool_request_duration_seconds", "HTTP request latency, by route.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let queue_depth = IntGauge::new("inferpool_queue_depth", "Requests waiting in the batch queue.")?;
+        let cache_requests = IntCounterVec::new(
+            Opts::new("inferpool_cache_requests_total", "Embedding cache lookups, by tier and result."),
+            &["tier", "result"],
+        )?;
+        let model_info = IntGaugeVec::new(
+            Opts::new("inferpool_model_info", "The model served: always 1, with its name, variant and provider."),
+            &["model", "variant", "provider"],
+        )?;
+        let tuning_generation = IntGauge::new("inferpool_tuning_generation", "Generation of the tuning in force.")?;
+        let tuning_max_batch = IntGauge::new("inferpool_tuning_max_batch_size", "Max batch size in force.")?;
+        let tuning_max_delay =
+            prometheus::Gauge::new("inferpool_tuning_max_delay_seconds", "Max batching delay in force.")?;
+        let images = IntCounter::new("inferpool_images_embedded_total", "Images run through the model.")?;
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(cache_requests.clone()),
+            Box::new(model_info.clone()),
+            Box::new(tuning_generation.clone()),
+            Box::new(tuning_max_batch.clone()),
+            Box::new(tuning_max_delay.clone()),
+            Box::new(images.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        Ok(Metrics {
+            registry,
+            requests,
+            request_duration,
+            queue_wait,
+            inference_duration,
+            batch_size,
+            queue_depth,
+            cache_requests,
+            model_info,
+            tuning_generation,
+            tuning_max_batch,
+            tuning_max_delay,
+            images,
+            windows: Windows::default(),
+        })
+    }
+
+    /// An answered HTTP request. Inference routes also feed the SLA windows, where a 5xx or a 429
+    /// (load shed) counts as an error and client mistakes (other 4xx) do not.
+    pub fn request(&self, route: Route, code: u16, latency: Duration) {
+        self.requests.with_label_values(&[route.as_str(), status_label(code)]).inc();
+        self.request_duration.with_label_values(&[route.as_str()]).observe(latency.as_secs_f64());
+        if route.is_inference() {
+            self.windows.request(Instant::now(), latency, code >= 500 || code == 429);
+        }
+    }
+
+    /// Time one request waited for its batch.
+    pub fn queue_wait(&self, wait: Duration) {
+        self.queue_wait.observe(wait.as_secs_f64());
+        self.windows.queue_wait(Instant::now(), wait);
+    }
+
+    /// A batch run through the model.
+    pub fn batch(&self, size: usize, inference: Duration) {
+        self.batch_size.observe(size as f64);
+        self.inference_duration.observe(inference.as_secs_f64());
+        self.images.inc_by(size as u64);
+        self.windows.batch(Instant::now(), size, inference);
+    }
+
+    /// A cache lookup in one tier.
+    pub fn cache(&self, tier: &'static str, hit: bool) {
+        self.cache_requests.with_label_values(&[tier, if hit { "hit" } else { "miss" }]).inc();
+    }
+
+    /// Records which model, variant and provider are served.
+    pub fn set_model(&self, model: &str, variant: &str, provider: &str) {
+        self.model_info.with_label_values(&[model, variant, provider]).set(1);
+    }
+
+    /// Images run through the model since start.
+    pub fn images_embedded(&self) -> u64 {
+        self.images.get()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for the text format.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Status codes as static label values (bounded: anything unexpected is "other").
+fn status_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        504 => "504",
+        _ => "other",
+    }
+}

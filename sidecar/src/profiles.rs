@@ -1,0 +1,521 @@
+//! Profiles: named sets of reference embeddings that images are matched against, kept on disk.
+//!
+//! Each profile is one JSON file, `<data_dir>/profiles/<id>.json`, written with the classic
+//! tmp-file, fsync, rename, fsync-directory sequence before a write is acknowledged, so a crash
+//! leaves either the old or the new profile and never a torn one. Ids are restricted to characters
+//! that are safe as a file name, which keeps a request from naming a path outside the directory.
+//!
+//! Reads (every match and scan) vastly outnumber writes, so the profiles live in memory behind an
+//! `RwLock` as `Arc`s that readers clone cheaply. Writers to the same id are serialised by a small
+//! set of striped locks so version numbers are never handed out twice, and the file is written
+//! before the map changes, so a failed write changes nothing.
+//!
+//! Embeddings only mean something to the model that produced them. Each profile records the
+//! fingerprint of its model; profiles made by another model stay on disk and are listed (nothing is
+//! lost on a model upgrade) but are stale: they never match until they are put again.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::hash::{Hash, Hasher};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::matcher;
+
+/// Most references one profile may hold.
+pub const MAX_REFERENCES: usize = 10_000;
+/// Longest profile id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+/// Number of write locks that ids are spread over.
+const WRITE_STRIPES: usize = 16;
+
+/// Why a profile operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The id is not 1..=128 characters of `[A-Za-z0-9._-]` or starts with '.'.
+    #[error("invalid profile id {0:?}: use 1 to 128 characters of A-Z a-z 0-9 . _ - not starting with '.'")]
+    InvalidId(String),
+    /// No profile has this id.
+    #[error("profile {0:?} not found")]
+    NotFound(String),
+    /// The request's content cannot be stored; the message names the field.
+    #[error("invalid profile: {0}")]
+    Invalid(String),
+    /// A reference's embedding does not have the model's dimension.
+    #[error("reference {reference:?} has {got} values but the model's embeddings have {expected}")]
+    DimensionMismatch {
+        /// The reference's id.
+        reference: String,
+        /// The model's embedding dimension.
+        expected: usize,
+        /// The embedding's length.
+        got: usize,
+    },
+    /// Reading or writing the profile directory failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// A named set of references, as stored on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Profile {
+    /// Unique id, also the file name.
+    pub id: String,
+    /// Score at or above which a reference matches; the model card's default when absent.
+    pub threshold: Option<f32>,
+    /// The reference embeddings, each of unit length.
+    pub references: Vec<Reference>,
+    /// 1 when created, incremented by each replacement.
+    pub version: u64,
+    /// Fingerprint of the model that made the embeddings.
+    pub model: String,
+    /// When the profile was last written, in unix seconds.
+    pub updated_at: u64,
+    /// Set by the store when `model` is not the model being served.
+    #[serde(skip)]
+    stale: bool,
+}
+
+/// One reference image's embedding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reference {
+    /// Caller-chosen id, unique within its profile.
+    pub id: String,
+    /// Unit-length embedding.
+    pub embedding: Vec<f32>,
+}
+
+impl Profile {
+    /// Best-scoring reference for a unit-length query embedding: (reference id, cosine score).
+    ///
+    /// None if the profile was made by another model (stale) or has no references.
+    pub fn best_match(&self, query: &[f32]) -> Option<(&str, f32)> {
+        if self.stale {
+            return None;
+        }
+        self.references
+            .iter()
+            .map(|r| (r.id.as_str(), matcher::cosine(query, &r.embedding)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// Whether the embeddings were made by a different model than the one now served.
+    pub fn is_stale(&self, model: &str) -> bool {
+        self.model != model
+    }
+}
+
+/// All profiles, in memory and on disk.
+pub struct ProfileStore {
+    dir: PathBuf,
+    model: String,
+    dim: usize,
+    profiles: RwLock<HashMap<String, Arc<Profile>>>,
+    writes: [Mutex<()>; WRITE_STRIPES],
+}
+
+impl ProfileStore {
+    /// Opens (creating) `<data_dir>/profiles/` and loads every profile in it.
+    ///
+    /// A file that cannot be used is moved aside to `*.corrupt` with a warning, never deleted, and
+    /// the rest still load. Profiles made by a model other than `model` load as stale.
+    pub fn open(data_dir: &Path, model: &str, dim: usize) -> Result<Self, ProfileError> {
+        let dir = data_dir.join("profiles");
+        fs::create_dir_all(&dir).map_err(|e| io_err("cannot create", &dir, e))?;
+        let entries = fs::read_dir(&dir).map_err(|e| io_err("cannot list", &dir, e))?;
+        let mut profiles = HashMap::new();
+        for entry in entries {
+            let path = entry.map_err(|e| io_err("cannot list", &dir, e))?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            if name.ends_with(".json.tmp") {
+                // A write that crashed before its rename; the previous `<id>.json` is intact.
+                if let Err(e) = fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove unfinished profile write");
+                }
+                continue;
+            }
+            let Some(id) = name.strip_suffix(".json") else { continue };
+            match load(&path, id, model, dim) {
+                Ok(profile) => {
+                    profiles.insert(profile.id.clone(), Arc::new(profile));
+                }
+                Err(reason) => quarantine(&path, &reason),
+            }
+        }
+        let stale = profiles.values().filter(|p| p.stale).count();
+        tracing::info!(dir = %dir.display(), profiles = profiles.len(), stale, "loaded profiles");
+        Ok(Self {
+            dir,
+            model: model.to_owned(),
+            dim,
+            profiles: RwLock::new(profiles),
+            writes: std::array::from_fn(|_| Mutex::new(())),
+        })
+    }
+
+    /// Creates or replaces a profile, on disk before returning; returns it and whether it is new.
+    ///
+    /// Embeddings are normalised here. References must be 1..=10 000, each embedding `dim` long,
+    /// finite and non-zero, with non-empty ids unique within the profile; a threshold must be within
+    /// -1..=1.
+    pub fn put(
+        &self,
+        id: &str,
+        threshold: Option<f32>,
+        refs: Vec<(String, Vec<f32>)>,
+    ) -> Result<(Arc<Profile>, bool), ProfileError> {
+        check_id(id)?;
+        if let Some(t) = threshold.filter(|t| !(-1.0..=1.0).contains(t)) {
+            return Err(ProfileError::Invalid(format!("threshold {t} must be within -1..=1")));
+        }
+        let references = validate_references(refs, self.dim)?;
+        let _write = self.write_lock(id);
+        let previous = self.read().get(id).map(|p| p.version);
+        let profile = Profile {
+            id: id.to_owned(),
+            threshold,
+            references,
+            version: previous.map_or(1, |v| v + 1),
+            model: self.model.clone(),
+            updated_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            stale: false,
+        };
+        self.write_file(&profile)?;
+        let profile = Arc::new(profile);
+        self.profiles.write().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), Arc::clone(&profile));
+        Ok((profile, previous.is_none()))
+    }
+
+    /// The profile with this id.
+    pub fn get(&self, id: &str) -> Result<Arc<Profile>, ProfileError> {
+        check_id(id)?;
+        self.read().get(id).cloned().ok_or_else(|| ProfileError::NotFound(id.to_owned()))
+    }
+
+    /// Deletes a profile and its file, durably.
+    pub fn delete(&self, id: &str) -> Result<(), ProfileError> {
+        check_id(id)?;
+        let _write = self.write_lock(id);
+        if !self.read().contains_key(id) {
+            return Err(ProfileError::NotFound(id.to_owned()));
+        }
+        let path = self.dir.join(format!("{id}.json"));
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot remove", &path, e)),
+        }
+        sync_dir(&self.dir)?;
+        self.profiles.write().unwrap_or_else(PoisonError::into_inner).remove(id);
+        Ok(())
+    }
+
+    /// Every profile, stale ones included, for scans and listings.
+    pub fn all(&self) -> Vec<Arc<Profile>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Number of profiles.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether there are no profiles.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    // A panic while holding a lock cannot leave the map half-changed (each change is one insert or
+    // remove), so a poisoned lock is used as is rather than taking the server down.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Profile>>> {
+        self.profiles.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_lock(&self, id: &str) -> std::sync::MutexGuard<'_, ()> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        id.hash(&mut hasher);
+        let stripe = (hasher.finish() % WRITE_STRIPES as u64) as usize;
+        self.writes[stripe].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes `<id>.json` atomically and durably.
+    fn write_file(&self, profile: &Profile) -> Result<(), ProfileError> {
+        let tmp = self.dir.join(format!("{}.json.tmp", profile.id));
+        let path = self.dir.join(format!("{}.json", profile.id));
+        let written = (|| {
+            let mut out = BufWriter::new(File::create(&tmp)?);
+            serde_json::to_writer(&mut out, profile)?;
+            out.flush()?;
+            out.get_ref().sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("cannot write", &tmp, e));
+        }
+        fs::rename(&tmp, &path).map_err(|e| io_err("cannot rename into", &path, e))?;
+        sync_dir(&self.dir)
+    }
+}
+
+// Summarised: the embeddings can run to hundreds of megabytes.
+impl std::fmt::Debug for ProfileStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (dir, model, dim, profiles) = (&self.dir, &self.model, self.dim, self.len());
+        f.debug_struct("ProfileStore")
+            .field("dir", dir)
+            .field("model", model)
+            .field("dim", &dim)
+            .field("profiles", &profiles)
+            .finish()
+    }
+}
+
+/// Checks a profile id: 1..=128 characters of `[A-Za-z0-9._-]`, not starting with '.', so it is
+/// always a safe file name. Callers may use it to refuse a bad id before reading a request body.
+pub fn check_id(id: &str) -> Result<(), ProfileError> {
+    let valid = (1..=MAX_ID_LEN).contains(&id.len())
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid { Ok(()) } else { Err(ProfileError::InvalidId(id.to_owned())) }
+}
+
+/// Checks references and normalises their embeddings; errors name the offending index.
+fn validate_references(refs: Vec<(String, Vec<f32>)>, dim: usize) -> Result<Vec<Reference>, ProfileError> {
+    if refs.is_empty() {
+        return Err(ProfileError::Invalid("references must not be empty".to_owned()));
+    }
+    let n = refs.len();
+    if n > MAX_REFERENCES {
+        return Err(ProfileError::Invalid(format!("references has {n} entries, at most {MAX_REFERENCES} are allowed")));
+    }
+    let mut seen: HashMap<String, usize> = HashMap::with_capacity(refs.len());
+    let mut out = Vec::with_capacity(refs.len());
+    for (i, (id, mut embedding)) in refs.into_iter().enumerate() {
+        if id.is_empty() {
+            return Err(ProfileError::Invalid(format!("references[{i}].id is empty")));
+        }
+        if let Some(first) = seen.insert(id.clone(), i) {
+            return Err(ProfileError::Invalid(format!("references[{i}].id {id:?} repeats references[{first}].id")));
+        }
+        if embedding.len() != dim {
+            return Err(ProfileError::DimensionMismatch { reference: id, expected: dim, got: embedding.len() });
+        }
+        if embedding.iter().any(|x| !x.is_finite()) {
+            return Err(ProfileError::Invalid(format!("references[{i}].embedding ({id:?}) has a non-finite value")));
+        }
+        if !matcher::normalize(&mut embedding) {
+            return Err(ProfileError::Invalid(format!("references[{i}].embedding ({id:?}) is all zeros")));
+        }
+        out.push(Reference { id, embedding });
+    }
+    Ok(out)
+}
+
+/// Reads one profile file; the error says why it cannot be used.
+fn load(path: &Path, id: &str, model: &str, dim: usize) -> Result<Profile, String> {
+    let bytes = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut profile: Profile = serde_json::from_slice(&bytes).map_err(|e| format!("not a profile: {e}"))?;
+    if profile.id != id || check_id(id).is_err() {
+        return Err(format!("file name does not match the profile id {:?}", profile.id));
+    }
+    profile.stale = profile.is_stale(model);
+    if !profile.stale && profile.references.iter().any(|r| r.embedding.len() != dim) {
+        return Err(format!("embeddings are not {dim} long although made by the model now served"));
+    }
+    Ok(profile)
+}
+
+/// Moves an unusable profile file aside so that it is kept for inspection but not loaded again.
+/// An earlier `.corrupt` file of the same name is kept too: the new one gets a number.
+fn quarantine(path: &Path, reason: &str) {
+    let aside = (0..1000)
+        .map(|n| if n == 0 { format!("{}.corrupt", path.display()) } else { format!("{}.{n}.corrupt", path.display()) })
+        .map(PathBuf::from)
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| path.with_extension("json.corrupt"));
+    match fs::rename(path, &aside) {
+        Ok(()) => tracing::warn!(path = %path.display(), moved_to = ?aside, reason, "profile file is unusable"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), reason, error = %e, "profile file is unusable and cannot be moved")
+        }
+    }
+}
+
+/// Makes renames and removals in a directory durable.
+fn sync_dir(dir: &Path) -> Result<(), ProfileError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("cannot sync", dir, e))
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> ProfileError {
+    ProfileError::Io(format!("{what} {}", path.display()), e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIM: usize = 4;
+    type Refs = Vec<(String, Vec<f32>)>;
+
+    fn refs(list: &[(&str, [f32; DIM])]) -> Refs {
+        list.iter().map(|(id, e)| (id.to_string(), e.to_vec())).collect()
+    }
+
+    fn one() -> Refs {
+        refs(&[("a", [1.0; DIM])])
+    }
+
+    fn store(dir: &Path) -> ProfileStore {
+        ProfileStore::open(dir, "model-a", DIM).unwrap()
+    }
+
+    #[test]
+    fn put_replace_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let (first, created) = store.put("shoes", Some(0.8), refs(&[("a", [3.0, 4.0, 0.0, 0.0])])).unwrap();
+        assert!(created);
+        assert_eq!((first.version, first.model.as_str(), first.threshold), (1, "model-a", Some(0.8)));
+        assert_eq!(first.references[0].embedding, [0.6, 0.8, 0.0, 0.0], "normalised");
+
+        let (second, created) = store.put("shoes", None, refs(&[("b", [0.0, 0.0, 2.0, 0.0])])).unwrap();
+        assert_eq!((created, second.version, second.threshold), (false, 2, None));
+        assert_eq!(store.get("shoes").unwrap().references[0].id, "b");
+        assert!(matches!(store.get("hats"), Err(ProfileError::NotFound(id)) if id == "hats"));
+
+        // A directory where the tmp file goes makes the write fail, even when running as root.
+        fs::create_dir(dir.path().join("profiles/shoes.json.tmp")).unwrap();
+        assert!(matches!(store.put("shoes", None, one()), Err(ProfileError::Io(..))));
+        assert_eq!(store.get("shoes").unwrap().version, 2, "a failed write changes nothing");
+
+        store.delete("shoes").unwrap();
+        assert!(!dir.path().join("profiles/shoes.json").exists());
+        assert!(matches!(store.delete("shoes"), Err(ProfileError::NotFound(_))));
+        assert!(store.is_empty() && self::store(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn profiles_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = store(dir.path()).put("p1", Some(-0.5), refs(&[("x", [1.0, 2.0, 3.0, 4.0])])).unwrap().0;
+        store(dir.path()).put("p2", None, one()).unwrap();
+
+        let reopened = store(dir.path());
+        assert_eq!(reopened.len(), 2);
+        let read = reopened.get("p1").unwrap();
+        assert_eq!(
+            (&read.id, read.threshold, &read.references, read.version, &read.model, read.updated_at),
+            (&written.id, written.threshold, &written.references, 1, &written.model, written.updated_at)
+        );
+        assert_eq!(reopened.put("p1", None, one()).unwrap().0.version, 2);
+    }
+
+    #[test]
+    fn unusable_files_are_moved_aside_and_the_rest_load() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path()).put("good", None, one()).unwrap();
+        let profiles = dir.path().join("profiles");
+        let good = fs::read(profiles.join("good.json")).unwrap();
+        fs::write(profiles.join("bad.json"), b"{\"id\": \"bad\", \"refer").unwrap();
+        fs::write(profiles.join("renamed.json"), &good).unwrap(); // the id inside says "good"
+        fs::write(profiles.join("good.json.tmp"), b"{\"id\": \"go").unwrap(); // a write cut short by a crash
+        fs::write(profiles.join("notes.txt"), b"left alone").unwrap();
+
+        let reopened = store(dir.path());
+        assert_eq!(reopened.all().iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert_eq!(fs::read(profiles.join("bad.json.corrupt")).unwrap(), b"{\"id\": \"bad\", \"refer");
+        assert_eq!(fs::read(profiles.join("renamed.json.corrupt")).unwrap(), good);
+        fs::write(profiles.join("bad.json"), b"broken again").unwrap();
+        store(dir.path());
+        assert_eq!(fs::read(profiles.join("bad.json.1.corrupt")).unwrap(), b"broken again", "earlier copy kept");
+        for gone in ["bad.json", "renamed.json", "good.json.tmp"] {
+            assert!(!profiles.join(gone).exists(), "{gone}");
+        }
+        assert!(profiles.join("notes.txt").exists());
+    }
+
+    #[test]
+    fn invalid_content_is_refused_with_a_specific_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let ok = [1.0; DIM];
+        let cases: Vec<(Refs, Option<f32>, &str)> = vec![
+            (vec![], None, "must not be empty"),
+            (vec![("a".to_owned(), ok.to_vec()); MAX_REFERENCES + 1], None, "at most 10000"),
+            (refs(&[("a", ok), ("b", [0.0; DIM])]), None, "references[1].embedding (\"b\") is all zeros"),
+            (refs(&[("a", [f32::NAN, 1.0, 1.0, 1.0])]), None, "references[0].embedding (\"a\") has a non-finite"),
+            (refs(&[("a", [f32::INFINITY, 1.0, 1.0, 1.0])]), None, "non-finite"),
+            (refs(&[("a", ok), ("b", ok), ("a", ok)]), None, "references[2].id \"a\" repeats references[0].id"),
+            (refs(&[("", ok)]), None, "references[0].id is empty"),
+            (one(), Some(1.5), "threshold 1.5"),
+            (one(), Some(f32::NAN), "threshold NaN"),
+        ];
+        for (refs, threshold, want) in cases {
+            match store.put("p", threshold, refs) {
+                Err(ProfileError::Invalid(msg)) => assert!(msg.contains(want), "{msg:?} should contain {want:?}"),
+                other => panic!("{want}: got {other:?}"),
+            }
+        }
+        let err = store.put("p", None, vec![("a".to_owned(), ok.to_vec()), ("short".to_owned(), vec![1.0; 3])]);
+        assert!(matches!(
+            err,
+            Err(ProfileError::DimensionMismatch { ref reference, expected: DIM, got: 3 }) if reference == "short"
+        ));
+        assert!(store.is_empty());
+        assert!(store.put("p", Some(-1.0), one()).is_ok(), "the bounds are inclusive");
+    }
+
+    #[test]
+    fn ids_must_be_safe_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        for id in ["", "../x", "a/b", "a\\b", ".hidden", "..", "a b", "caf\u{e9}", "a\0b", long.as_str()] {
+            assert!(matches!(store.put(id, None, one()), Err(ProfileError::InvalidId(_))), "{id:?}");
+            assert!(matches!(store.get(id), Err(ProfileError::InvalidId(_))), "{id:?}");
+            assert!(matches!(store.delete(id), Err(ProfileError::InvalidId(_))), "{id:?}");
+        }
+        for id in ["a", "Shoes-2024_v1.final", &"y".repeat(MAX_ID_LEN)] {
+            assert!(store.put(id, None, one()).is_ok(), "{id:?}");
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "nothing written outside profiles/");
+    }
+
+    #[test]
+    fn best_match_picks_the_highest_score_unless_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = [("far", [0.0, 1.0, 0.0, 0.0]), ("near", [1.0, 0.2, 0.0, 0.0]), ("opposite", [-1.0, 0.0, 0.0, 0.0])];
+        let (profile, _) = store(dir.path()).put("p", None, refs(&list)).unwrap();
+        let (id, score) = profile.best_match(&[1.0, 0.0, 0.0, 0.0]).unwrap();
+        assert_eq!(id, "near");
+        assert!((score - 1.0 / 1.04f32.sqrt()).abs() < 1e-6);
+        assert_eq!(profile.best_match(&[-1.0, 0.0, 0.0, 0.0]).unwrap().0, "opposite");
+
+        // After a model upgrade the profile is still listed, but never matches until it is put again.
+        let upgraded = ProfileStore::open(dir.path(), "model-b", 8).unwrap();
+        let old = upgraded.get("p").unwrap();
+        assert!(old.is_stale("model-b") && !old.is_stale("model-a") && upgraded.len() == 1);
+        assert_eq!(old.best_match(&[1.0, 0.0, 0.0, 0.0]), None);
+        let (fresh, created) = upgraded.put("p", None, vec![("a".to_owned(), vec![1.0; 8])]).unwrap();
+        assert!(!created && fresh.version == 2 && !fresh.is_stale("model-b"));
+        assert!(fresh.best_match(&[0.5; 8]).is_some());
+    }
+
+    #[test]
+    fn concurrent_writes_to_one_id_get_distinct_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let put_five = || (0..5).map(|_| store.put("hot", None, one()).unwrap().0.version).collect::<Vec<_>>();
+        let mut versions: Vec<u64> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8).map(|_| s.spawn(put_five)).collect();
+            workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+        });
+        versions.sort_unstable();
+        assert_eq!(versions, (1..=40).collect::<Vec<_>>());
+        assert_eq!(self::store(dir.path()).get("hot").unwrap().version, 40);
+    }
+}

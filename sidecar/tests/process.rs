@@ -1,0 +1,196 @@
+//! The `inferpool-sidecar` binary as a pod runs it: configuration from flags and `INFERPOOL_`
+//! environment variables, exit codes, and graceful shutdown on SIGTERM.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_inferpool-sidecar");
+
+#[test]
+fn help_lists_every_flag_with_its_environment_twin() {
+    let out = std::process::Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "listen",
+        "admin-listen",
+        "model",
+        "optimization",
+        "data-dir",
+        "max-batch",
+        "max-delay-ms",
+        "sessions",
+        "threads",
+        "queue-capacity",
+        "default-deadline-ms",
+        "max-body-bytes",
+        "max-pixels",
+        "admin-token",
+        "admin-token-file",
+    ] {
+        assert!(help.contains(&format!("--{flag} ")), "--{flag} missing from --help");
+        let env = format!("INFERPOOL_{}", flag.to_uppercase().replace('-', "_"));
+        assert!(help.contains(&env), "{env} missing from --help");
+    }
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_every_problem() {
+    let out = std::process::Command::new(BIN)
+        .env("INFERPOOL_MAX_BATCH", "0")
+        .env("INFERPOOL_OPTIMIZATION", "Turbo")
+        .args(["--listen", "localhost", "--threads=-3", "--model", "/nonexistent/card.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    for needle in ["--max-batch 0", "Turbo", "--listen \"localhost\"", "--threads \"-3\"", "/nonexistent/card.json"] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}
+
+#[test]
+fn an_unparseable_flag_also_exits_64() {
+    let out = std::process::Command::new(BIN).arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+/// A sidecar process with its JSON log lines.
+struct Proc {
+    child: Child,
+    logs: mpsc::UnboundedReceiver<Value>,
+}
+
+impl Proc {
+    /// Starts the binary configured only through the environment.
+    fn spawn(env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("INFERPOOL_MODEL", card())
+            .env("INFERPOOL_LISTEN", "127.0.0.1:0")
+            .env("INFERPOOL_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("INFERPOOL_LOG_FORMAT", "json")
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, logs) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        Proc { child, logs }
+    }
+
+    /// Waits for the log line whose message starts with `prefix`.
+    async fn wait_log(&mut self, prefix: &str) -> Value {
+        let wait = async {
+            loop {
+                let v = self.logs.recv().await.expect("the sidecar exited");
+                if v["fields"]["message"].as_str().is_some_and(|m| m.starts_with(prefix)) {
+                    return v;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait).await.unwrap()
+    }
+
+    /// Waits until ready; returns the API base URL.
+    async fn ready(&mut self) -> String {
+        let listening = self.wait_log("listening").await;
+        let api = listening["fields"]["api"].as_str().unwrap().to_owned();
+        self.wait_log("ready").await;
+        format!("http://{api}")
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+}
+
+#[tokio::test]
+async fn sigterm_finishes_queued_work_then_exits_0_and_profiles_survive() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    // A long batching delay keeps the request queued while the signal arrives.
+    let mut p = Proc::spawn(&[
+        ("INFERPOOL_DATA_DIR", data_dir),
+        ("INFERPOOL_MAX_DELAY_MS", "1500"),
+        ("INFERPOOL_MAX_BATCH", "64"),
+    ]);
+    let base = p.ready().await;
+    let chelsea = photo("chelsea.png");
+    let r = put_json(&format!("{base}/api/v1/profiles/cats"), &profile_body(&[("chelsea", &chelsea)])).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+
+    let url = format!("{base}/api/v1/match?profile=cats");
+    let in_flight = tokio::spawn({
+        let image = jpeg(&decode(&chelsea), 40);
+        async move { send(Method::POST, &url, &[("content-type", "image/jpeg"), ("x-deadline-ms", "10000")], image).await }
+    });
+    // SIGTERM once the request is queued (the SLA report shows it waiting).
+    let queued = async {
+        let mut ticker = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            ticker.tick().await;
+            if get(&format!("{base}/api/v1/metrics/sla")).await.json()["queueDepth"] == 1 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued).await.unwrap();
+    p.signal("-TERM");
+    p.wait_log("shutting down").await;
+    let reply = in_flight.await.unwrap();
+    assert_eq!((reply.status, reply.json()["matched"].as_bool()), (StatusCode::OK, Some(true)), "{}", reply.text());
+    let status = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let mut again = Proc::spawn(&[("INFERPOOL_DATA_DIR", data_dir)]);
+    let base = again.ready().await;
+    let profile = get(&format!("{base}/api/v1/profiles/cats")).await;
+    assert_eq!((profile.status, profile.json()["version"].as_u64()), (StatusCode::OK, Some(1)));
+    again.signal("-INT");
+    let status = tokio::time::timeout(Duration::from_secs(30), again.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_model_that_fails_its_checksum_stops_the_sidecar_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut card: Value = serde_json::from_slice(&std::fs::read(card()).unwrap()).unwrap();
+    let model_dir = root().join("models/effnet_lite0");
+    for v in ["fp32", "fp16", "int8"] {
+        let file = card["variants"][v]["file"].as_str().unwrap().to_owned();
+        card["variants"][v]["file"] = Value::String(model_dir.join(file).to_str().unwrap().to_owned());
+        card["variants"][v]["sha256"] = Value::String("0".repeat(64));
+    }
+    let path = dir.path().join("card.json");
+    std::fs::write(&path, serde_json::to_vec(&card).unwrap()).unwrap();
+    let mut p = Proc::spawn(&[
+        ("INFERPOOL_MODEL", path.to_str().unwrap()),
+        ("INFERPOOL_DATA_DIR", dir.path().to_str().unwrap()),
+    ]);
+    let status = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let mut messages = String::new();
+    while let Ok(v) = p.logs.try_recv() {
+        messages.push_str(&v.to_string());
+    }
+    assert!(messages.contains("sha256") && messages.contains("make setup"), "{messages}");
+}
