@@ -92,8 +92,7 @@ mod tests {
 
     #[test]
     fn wire_format_is_camel_case_and_strict() {
-        let t: Tuning =
-            serde_json::from_str(r#"{"generation":3,"maxBatchSize":16,"maxDelayMs":4}"#).unwrap();
+        let t: Tuning = serde_json::from_str(r#"{"generation":3,"maxBatchSize":16,"maxDelayMs":4}"#).unwrap();
         assert_eq!(t, tuning(16, 4, None).with_generation(3));
         assert!(serde_json::from_str::<Tuning>(r#"{"generation":3,"maxBatch":16,"maxDelayMs":4}"#).is_err());
     }
