@@ -46,6 +46,8 @@ pub struct App {
     pub preprocessor: Arc<Preprocessor>,
     /// Durable reference profiles.
     pub profiles: ProfileStore,
+    /// Images being decoded at once: one per CPU, so a burst cannot spawn hundreds of threads.
+    pub decoders: tokio::sync::Semaphore,
     /// Metrics and SLA windows.
     pub metrics: Arc<Metrics>,
     /// Identifies the model family that made an embedding; profiles made by another are stale.
@@ -91,6 +93,7 @@ impl App {
             card,
             preprocessor,
             profiles,
+            decoders: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
             metrics,
             fingerprint,
             batcher: OnceLock::new(),

@@ -7,18 +7,21 @@
 //! queue is never empty, so batches fill at once and no time is spent waiting. Both limits come
 //! from the live [`Tuning`] and can change at any moment without a restart.
 //!
-//! A request whose deadline has passed, or whose caller has gone away, is answered (or dropped)
-//! when it is taken from the queue and never runs. A full queue refuses new work at once, so the
-//! caller can answer 429 instead of letting latency grow without bound.
+//! Admission comes first: a caller takes a [`Slot`] before it decodes anything, and holds it until
+//! its answer arrives or it gives up. When all `capacity` slots are taken the request is refused at
+//! once (429), so overload costs neither decoding nor unbounded latency. A request whose deadline
+//! has passed (or will pass before a batch could finish), or whose caller has gone away, is
+//! answered or dropped when it is taken from the queue and never runs.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inferpool_crds::Tuning;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
 use crate::engine::Engine;
 use crate::metrics::Metrics;
@@ -51,8 +54,8 @@ pub struct Embedded {
 /// Why a request got no embedding.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BatchError {
-    /// The queue is at capacity.
-    #[error("the inference queue is full ({0} requests waiting)")]
+    /// Every admission slot is taken.
+    #[error("the inference queue is full ({0} requests admitted)")]
     QueueFull(usize),
     /// The batcher no longer accepts work.
     #[error("the sidecar is shutting down")]
@@ -84,7 +87,8 @@ struct Job {
 
 struct State {
     lanes: [VecDeque<Job>; 3],
-    /// Requests not yet running: queued, or in a batch that is still filling.
+    /// Jobs not yet running: queued (abandoned ones included until they are dropped), or in a
+    /// batch that is still filling.
     len: usize,
     tuning: Tuning,
     closed: bool,
@@ -94,12 +98,25 @@ impl State {
     fn pop(&mut self) -> Option<Job> {
         self.lanes.iter_mut().find_map(VecDeque::pop_front)
     }
+
+    /// Drops the queued jobs whose callers have given up.
+    fn prune(&mut self) {
+        for lane in &mut self.lanes {
+            let before = lane.len();
+            lane.retain(|job| !job.reply.is_closed());
+            self.len -= before - lane.len();
+        }
+    }
 }
 
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     capacity: usize,
+    /// Admission: one permit per request between admission and its answer.
+    slots: Semaphore,
+    /// Duration of the last batch, in microseconds: how long a job taken now needs to finish.
+    last_batch_us: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -109,7 +126,14 @@ impl Shared {
         // mutation is a single push/pop), so the state is still safe to use.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn publish_depth(&self, state: &State) {
+        self.metrics.queue_depth.set(state.len as i64);
+    }
 }
+
+/// Proof of admission: held from before decoding until the answer (or giving up).
+pub struct Slot<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
 
 /// The batch queue and its worker threads.
 pub struct Batcher {
@@ -124,6 +148,8 @@ impl Batcher {
             state: Mutex::new(State { lanes: Default::default(), len: 0, tuning, closed: false }),
             wake: Condvar::new(),
             capacity,
+            slots: Semaphore::new(capacity),
+            last_batch_us: AtomicU64::new(0),
             metrics,
         });
         publish_tuning(&shared.metrics, &tuning);
@@ -143,8 +169,19 @@ impl Batcher {
         Batcher { shared, workers: Mutex::new(workers) }
     }
 
-    /// Queues one image tensor and waits for its embedding until `deadline`.
-    pub async fn embed(&self, input: Vec<f32>, priority: Priority, deadline: Instant) -> Result<Embedded, BatchError> {
+    /// Admits one request, or refuses it at once when every slot is taken.
+    pub fn admit(&self) -> Result<Slot<'_>, BatchError> {
+        self.shared.slots.try_acquire().map(Slot).map_err(|_| BatchError::QueueFull(self.shared.capacity))
+    }
+
+    /// Queues one image tensor of an admitted request and waits for its embedding until `deadline`.
+    pub async fn embed(
+        &self,
+        _slot: &Slot<'_>,
+        input: Vec<f32>,
+        priority: Priority,
+        deadline: Instant,
+    ) -> Result<Embedded, BatchError> {
         let rx = self.submit(input, priority, deadline)?;
         // The receiver is dropped when this statement ends, which marks the job abandoned.
         let outcome = tokio::time::timeout_at(deadline.into(), rx).await;
@@ -175,12 +212,14 @@ impl Batcher {
         if state.closed {
             return Err(BatchError::ShuttingDown);
         }
-        if state.len >= self.shared.capacity {
-            return Err(BatchError::QueueFull(state.len));
+        // Abandoned jobs wait in the queue until a worker reaches them; under sustained overload
+        // sweep them out so that they cannot pile up beyond the live ones.
+        if state.len >= 2 * self.shared.capacity {
+            state.prune();
         }
         state.lanes[priority as usize].push_back(Job { input, enqueued: now, deadline, reply });
         state.len += 1;
-        self.shared.metrics.queue_depth.set(state.len as i64);
+        self.shared.publish_depth(&state);
         drop(state);
         self.shared.wake.notify_one();
         Ok(rx)
@@ -243,11 +282,14 @@ fn worker(shared: &Shared, mut engine: Engine) {
 /// Waits for work and collects the next batch; `None` once closed and empty.
 fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
     let mut state = shared.lock();
-    let mut batch = Vec::new();
+    let mut batch: Vec<Job> = Vec::new();
     let mut window_end = None;
+    // A job that cannot finish before its deadline is not worth running.
+    let run_time = Duration::from_micros(shared.last_batch_us.load(Ordering::Relaxed));
     loop {
+        // Callers that gave up while the batch filled need no inference.
         let before = batch.len();
-        batch.retain(|job: &Job| !job.reply.is_closed());
+        batch.retain(|job| !job.reply.is_closed());
         state.len -= before - batch.len();
         if batch.is_empty() {
             window_end = None;
@@ -255,7 +297,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
         let max = state.tuning.max_batch_size as usize;
         while batch.len() < max {
             let Some(job) = state.pop() else { break };
-            match admit(job) {
+            match worth_running(job, run_time) {
                 Some(job) => {
                     window_end
                         .get_or_insert(job.enqueued + Duration::from_millis(u64::from(state.tuning.max_delay_ms)));
@@ -264,11 +306,12 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
                 None => state.len -= 1,
             }
         }
+        shared.publish_depth(&state);
         let now = Instant::now();
         match window_end {
             Some(end) if batch.len() >= max || now >= end || state.closed => {
                 state.len -= batch.len();
-                shared.metrics.queue_depth.set(state.len as i64);
+                shared.publish_depth(&state);
                 return Some(batch);
             }
             Some(end) => state = shared.wake.wait_timeout(state, end - now).unwrap_or_else(|p| p.into_inner()).0,
@@ -278,12 +321,13 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
     }
 }
 
-/// Keeps a job only if its caller still waits and its deadline has not passed.
-fn admit(job: Job) -> Option<Job> {
+/// Keeps a job only if its caller still waits and a batch started now would finish before its
+/// deadline; a job that would not is answered 504 at once.
+fn worth_running(job: Job, run_time: Duration) -> Option<Job> {
     if job.reply.is_closed() {
         return None;
     }
-    if Instant::now() >= job.deadline {
+    if Instant::now() + run_time >= job.deadline {
         let _ = job.reply.send(Err(BatchError::DeadlineExceeded));
         return None;
     }
@@ -305,6 +349,7 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(input, n)))
         .unwrap_or_else(|_| Err(crate::engine::EngineError::Mismatch("the engine panicked".into())));
     let inference = started.elapsed();
+    shared.last_batch_us.store(inference.as_micros() as u64, Ordering::Relaxed);
     match result {
         Ok(output) => {
             shared.metrics.batch(n, inference);
@@ -320,5 +365,67 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
                 let _ = reply.send(Err(BatchError::Engine(e.to_string())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tag: f32) -> (Job, oneshot::Receiver<Result<Embedded, BatchError>>) {
+        let (reply, rx) = oneshot::channel();
+        let now = Instant::now();
+        (Job { input: vec![tag], enqueued: now, deadline: now + Duration::from_secs(60), reply }, rx)
+    }
+
+    fn state() -> State {
+        let tuning = Tuning { generation: 0, max_batch_size: 8, max_delay_ms: 0, cache_entries: None };
+        State { lanes: Default::default(), len: 0, tuning, closed: false }
+    }
+
+    #[test]
+    fn high_priority_leaves_first_and_each_lane_is_fifo() {
+        let mut s = state();
+        let mut keep = Vec::new();
+        for (lane, tag) in [
+            (Priority::Low, 1.0),
+            (Priority::Normal, 2.0),
+            (Priority::High, 3.0),
+            (Priority::Normal, 4.0),
+            (Priority::High, 5.0),
+        ] {
+            let (j, rx) = job(tag);
+            keep.push(rx);
+            s.lanes[lane as usize].push_back(j);
+            s.len += 1;
+        }
+        let order: Vec<f32> = std::iter::from_fn(|| s.pop()).map(|j| j.input[0]).collect();
+        assert_eq!(order, [3.0, 5.0, 2.0, 4.0, 1.0]);
+    }
+
+    #[test]
+    fn prune_drops_only_abandoned_jobs() {
+        let mut s = state();
+        let (a, rx_a) = job(1.0);
+        let (b, rx_b) = job(2.0);
+        s.lanes[1].extend([a, b]);
+        s.len = 2;
+        drop(rx_a);
+        s.prune();
+        assert_eq!(s.len, 1);
+        assert_eq!(s.pop().map(|j| j.input[0]), Some(2.0));
+        drop(rx_b);
+    }
+
+    #[test]
+    fn jobs_that_cannot_finish_in_time_are_answered_504_without_running() {
+        let (j, mut rx) = job(1.0);
+        assert!(worth_running(j, Duration::from_secs(120)).is_none());
+        assert_eq!(rx.try_recv().unwrap().unwrap_err(), BatchError::DeadlineExceeded);
+        let (j, _rx) = job(2.0);
+        assert!(worth_running(j, Duration::from_millis(10)).is_some());
+        let (j, rx) = job(3.0);
+        drop(rx);
+        assert!(worth_running(j, Duration::ZERO).is_none(), "an abandoned job never runs");
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use inferpool_sidecar::config::{Args, EXIT_CONFIG, LogFormat};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -48,11 +48,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: inferpool_sidecar::Config) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let listener = listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin =
+        listen(config.admin_listen).with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(api = %addr, admin = %admin.local_addr()?, model = %config.model.display(), "listening; the model loads in the background (GET /readyz)");
     tracing::info!(
@@ -61,6 +59,15 @@ async fn serve(config: inferpool_sidecar::Config) -> anyhow::Result<()> {
     inferpool_sidecar::run(listener, admin, config, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds with a deep accept backlog: a burst of new connections (a client pool opening at once)
+/// must wait in the kernel rather than be refused. The kernel caps it at net.core.somaxconn.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

@@ -129,15 +129,21 @@ fn require_image(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Decodes and normalises an image on the blocking pool, then queues it for inference.
+/// Admits the request, decodes and normalises the image on the blocking pool (at most one image
+/// per CPU at a time), then queues it for inference. Admission comes first so that a request
+/// refused for load costs no decoding.
 async fn embed_bytes(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Result<Embedded, ApiError> {
     let batcher = app.batcher().ok_or(ApiError::NotReady)?;
     if bytes.is_empty() {
         return Err(ApiError::EmptyBody);
     }
-    let pre = Arc::clone(&app.preprocessor);
-    let tensor = blocking(move || pre.prepare(&bytes)).await??;
-    Ok(batcher.embed(tensor, opts.priority, opts.deadline).await?)
+    let slot = batcher.admit()?;
+    let tensor = {
+        let _decoding = app.decoders.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let pre = Arc::clone(&app.preprocessor);
+        blocking(move || pre.prepare(&bytes)).await??
+    };
+    Ok(batcher.embed(&slot, tensor, opts.priority, opts.deadline).await?)
 }
 
 /// Checks headers, reads the image body and embeds it.

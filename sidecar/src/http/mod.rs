@@ -86,7 +86,8 @@ async fn handle(app: Arc<App>, which: Listener, req: Request<Incoming>) -> Resul
         Listener::Admin => admin::route(&app, req).await,
     };
     let resp = result.unwrap_or_else(|e| {
-        if e.status_code().0.is_server_error() {
+        // 503 and 504 are load, counted in metrics; logging each would flood the log under overload.
+        if e.status_code().0 == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::warn!(route = route.as_str(), error = %e, "request failed");
         }
         error_response(&e)
