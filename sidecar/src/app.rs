@@ -103,7 +103,7 @@ impl App {
         })
     }
 
-    /// Loads one engine per session, warms each with a full batch, and starts the batcher.
+    /// Loads one engine per session and starts the batcher, which warms each engine up.
     /// Blocking: run it on the blocking pool.
     pub fn load_model(&self) -> Result<Loaded, StartError> {
         let result = self.load_engines();
@@ -119,20 +119,10 @@ impl App {
             optimization: cfg.optimization,
             threads: cfg.threads,
         };
-        let per_image = self.preprocessor.tensor_len();
-        let warm = cfg.tuning.max_batch_size as usize;
-        let mut engines = Vec::with_capacity(cfg.sessions);
-        for _ in 0..cfg.sessions {
-            let mut engine = Engine::load(&self.card, &opts)?;
-            let started = Instant::now();
-            engine.run(vec![0.0; per_image], 1)?;
-            engine.run(vec![0.0; per_image * warm], warm)?;
-            tracing::info!(ms = started.elapsed().as_millis() as u64, batch = warm, "session warmed up");
-            engines.push(engine);
-        }
+        let engines = (0..cfg.sessions).map(|_| Engine::load(&self.card, &opts)).collect::<Result<Vec<_>, _>>()?;
         let loaded = Loaded { provider: engines[0].provider(), variant: engines[0].variant() };
         self.metrics.set_model(&self.card.card.name, loaded.variant.as_str(), loaded.provider.as_str());
-        let batcher = Batcher::start(engines, cfg.tuning, cfg.queue_capacity, Arc::clone(&self.metrics));
+        let batcher = Batcher::start(engines, cfg.tuning, cfg.queue_capacity, Arc::clone(&self.metrics))?;
         let _ = self.loaded.set(loaded);
         let _ = self.batcher.set(batcher);
         Ok(loaded)

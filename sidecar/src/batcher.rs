@@ -10,12 +10,13 @@
 //! Admission comes first: a caller takes a [`Slot`] before it decodes anything, and holds it until
 //! its answer arrives or it gives up. When all `capacity` slots are taken the request is refused at
 //! once (429), so overload costs neither decoding nor unbounded latency. A request whose deadline
-//! has passed (or will pass before a batch could finish), or whose caller has gone away, is
-//! answered or dropped when it is taken from the queue and never runs.
+//! has passed, or whose caller has gone away, is answered or dropped when it is taken from the
+//! queue and never runs. (Skipping requests that an estimate says *would* miss their deadline was
+//! tried and removed: one slow batch, such as a GPU's first run of a new batch size, inflated the
+//! estimate until every request was refused and no batch ran to correct it.)
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use inferpool_crds::Tuning;
 use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
 
 /// Request priority, from the `X-Priority` header.
@@ -115,8 +116,6 @@ struct Shared {
     capacity: usize,
     /// Admission: one permit per request between admission and its answer.
     slots: Semaphore,
-    /// Duration of the last batch, in microseconds: how long a job taken now needs to finish.
-    last_batch_us: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -142,31 +141,49 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts one worker thread per engine.
-    pub fn start(engines: Vec<Engine>, tuning: Tuning, capacity: usize, metrics: Arc<Metrics>) -> Self {
+    /// Starts one worker thread per engine and returns once each has warmed its engine up.
+    ///
+    /// The warm-up runs on the worker thread itself, the thread that will run every batch, so
+    /// that whatever the execution provider keeps per thread (CUDA handles and caches) is warm
+    /// before the sidecar reports ready.
+    pub fn start(
+        engines: Vec<Engine>,
+        tuning: Tuning,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EngineError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { lanes: Default::default(), len: 0, tuning, closed: false }),
             wake: Condvar::new(),
             capacity,
             slots: Semaphore::new(capacity),
-            last_batch_us: AtomicU64::new(0),
             metrics,
         });
         publish_tuning(&shared.metrics, &tuning);
-        let workers = engines
-            .into_iter()
-            .enumerate()
-            .map(|(i, engine)| {
-                let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("inferpool-session-{i}"))
-                    .spawn(move || worker(&shared, engine))
-            })
-            .filter_map(|spawned| {
-                spawned.map_err(|e| tracing::error!(error = %e, "cannot start a session thread")).ok()
-            })
-            .collect();
-        Batcher { shared, workers: Mutex::new(workers) }
+        let (warmed_tx, warmed) = std::sync::mpsc::channel();
+        let mut workers = Vec::with_capacity(engines.len());
+        for (i, mut engine) in engines.into_iter().enumerate() {
+            let (shared, warmed_tx) = (Arc::clone(&shared), warmed_tx.clone());
+            let max_batch = tuning.max_batch_size as usize;
+            let spawned = std::thread::Builder::new().name(format!("inferpool-session-{i}")).spawn(move || {
+                let started = Instant::now();
+                let result = engine.warm_up(max_batch);
+                tracing::info!(session = i, ms = started.elapsed().as_millis() as u64, max_batch, "session warmed up");
+                let ok = result.is_ok();
+                let _ = warmed_tx.send(result);
+                if ok {
+                    worker(&shared, engine);
+                }
+            });
+            workers.push(spawned.map_err(|e| EngineError::Mismatch(format!("cannot start a session thread: {e}")))?);
+        }
+        drop(warmed_tx);
+        let batcher = Batcher { shared, workers: Mutex::new(workers) };
+        // Every worker answers exactly once; a closed channel means one died before answering.
+        for _ in 0..batcher.workers.lock().unwrap_or_else(|p| p.into_inner()).len() {
+            warmed.recv().map_err(|_| EngineError::Mismatch("a session thread died while warming up".into()))??;
+        }
+        Ok(batcher)
     }
 
     /// Admits one request, or refuses it at once when every slot is taken.
@@ -284,8 +301,6 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
     let mut state = shared.lock();
     let mut batch: Vec<Job> = Vec::new();
     let mut window_end = None;
-    // A job that cannot finish before its deadline is not worth running.
-    let run_time = Duration::from_micros(shared.last_batch_us.load(Ordering::Relaxed));
     loop {
         // Callers that gave up while the batch filled need no inference.
         let before = batch.len();
@@ -297,7 +312,7 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
         let max = state.tuning.max_batch_size as usize;
         while batch.len() < max {
             let Some(job) = state.pop() else { break };
-            match worth_running(job, run_time) {
+            match still_wanted(job) {
                 Some(job) => {
                     window_end
                         .get_or_insert(job.enqueued + Duration::from_millis(u64::from(state.tuning.max_delay_ms)));
@@ -321,13 +336,13 @@ fn next_batch(shared: &Shared) -> Option<Vec<Job>> {
     }
 }
 
-/// Keeps a job only if its caller still waits and a batch started now would finish before its
-/// deadline; a job that would not is answered 504 at once.
-fn worth_running(job: Job, run_time: Duration) -> Option<Job> {
+/// Keeps a job only if its caller still waits and its deadline has not passed; an expired job is
+/// answered 504 at once.
+fn still_wanted(job: Job) -> Option<Job> {
     if job.reply.is_closed() {
         return None;
     }
-    if Instant::now() + run_time >= job.deadline {
+    if Instant::now() >= job.deadline {
         let _ = job.reply.send(Err(BatchError::DeadlineExceeded));
         return None;
     }
@@ -349,7 +364,6 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(input, n)))
         .unwrap_or_else(|_| Err(crate::engine::EngineError::Mismatch("the engine panicked".into())));
     let inference = started.elapsed();
-    shared.last_batch_us.store(inference.as_micros() as u64, Ordering::Relaxed);
     match result {
         Ok(output) => {
             shared.metrics.batch(n, inference);
@@ -418,14 +432,15 @@ mod tests {
     }
 
     #[test]
-    fn jobs_that_cannot_finish_in_time_are_answered_504_without_running() {
-        let (j, mut rx) = job(1.0);
-        assert!(worth_running(j, Duration::from_secs(120)).is_none());
+    fn expired_jobs_are_answered_504_and_abandoned_ones_never_run() {
+        let (mut j, mut rx) = job(1.0);
+        j.deadline = Instant::now();
+        assert!(still_wanted(j).is_none());
         assert_eq!(rx.try_recv().unwrap().unwrap_err(), BatchError::DeadlineExceeded);
         let (j, _rx) = job(2.0);
-        assert!(worth_running(j, Duration::from_millis(10)).is_some());
+        assert!(still_wanted(j).is_some());
         let (j, rx) = job(3.0);
         drop(rx);
-        assert!(worth_running(j, Duration::ZERO).is_none(), "an abandoned job never runs");
+        assert!(still_wanted(j).is_none(), "an abandoned job never runs");
     }
 }

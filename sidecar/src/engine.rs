@@ -132,6 +132,9 @@ impl Engine {
         card.verify(variant, &path)?;
         let mut builder = session_builder(env, opts)?;
         if provider == Provider::Cuda {
+            // cuDNN's default exhaustive algorithm search stays: on an H100 it gave 1.3-1.6x the
+            // steady-state throughput of the heuristic choice (docs/benchmarks/gpu.md). Its cost,
+            // seconds on the first run of each input shape, is paid in `warm_up`.
             let cuda = ep::CUDA::default().build().error_on_failure();
             match builder.clone().with_execution_providers([cuda]) {
                 Ok(b) => builder = b,
@@ -178,18 +181,49 @@ impl Engine {
     }
 
     /// Runs `n` images laid end to end in `batch` and returns `n * dim` embedding values.
-    pub fn run(&mut self, batch: Vec<f32>, n: usize) -> Result<Vec<f32>, EngineError> {
+    ///
+    /// On CUDA the batch is padded with blank images to the next power of two: the first run of
+    /// each new input shape costs seconds there (kernel selection and memory planning), and
+    /// dynamic batching would otherwise meet every size from 1 to the maximum. With padding the
+    /// GPU sees a handful of shapes, all run once by [`Engine::warm_up`].
+    pub fn run(&mut self, mut batch: Vec<f32>, n: usize) -> Result<Vec<f32>, EngineError> {
+        let rows = self.rows_for(n);
+        batch.resize(rows * self.image_len(), 0.0);
         let [a, b, c] = self.image_shape;
-        let input = Tensor::from_array(([n, a, b, c], batch))?;
+        let input = Tensor::from_array(([rows, a, b, c], batch))?;
         let outputs = self.session.run(ort::inputs![self.input_name.as_str() => input])?;
         let (shape, data) = outputs[self.output_name.as_str()].try_extract_tensor::<f32>()?;
-        if data.len() != n * self.dim {
+        if data.len() != rows * self.dim {
             return Err(EngineError::Mismatch(format!(
-                "output {:?} has shape {shape:?}, expected [{n}, {}]",
+                "output {:?} has shape {shape:?}, expected [{rows}, {}]",
                 self.output_name, self.dim
             )));
         }
-        Ok(data.to_vec())
+        Ok(data[..n * self.dim].to_vec())
+    }
+
+    /// Rows actually run for `n` images (see [`Engine::run`]).
+    fn rows_for(&self, n: usize) -> usize {
+        if self.provider == Provider::Cuda { n.next_power_of_two() } else { n }
+    }
+
+    /// f32 values in one image.
+    fn image_len(&self) -> usize {
+        self.image_shape.iter().product()
+    }
+
+    /// Runs every batch shape that batches of up to `max_batch` images will use, so that no
+    /// request pays for a shape's first run: on CUDA each power of two, on the CPU (where a new
+    /// shape is cheap) a single image and a full batch.
+    pub fn warm_up(&mut self, max_batch: usize) -> Result<(), EngineError> {
+        let sizes: Vec<usize> = match self.provider {
+            Provider::Cuda => (0..).map(|p| 1usize << p).take_while(|&s| s < max_batch * 2).collect(),
+            Provider::Cpu => vec![1, max_batch],
+        };
+        for n in sizes {
+            self.run(vec![0.0; n * self.image_len()], n)?;
+        }
+        Ok(())
     }
 
     /// Provider in use.
