@@ -132,9 +132,9 @@ impl Engine {
         card.verify(variant, &path)?;
         let mut builder = session_builder(env, opts)?;
         if provider == Provider::Cuda {
-            // cuDNN's default exhaustive algorithm search stays: on an H100 it gave 1.3-1.6x the
-            // steady-state throughput of the heuristic choice (docs/benchmarks/gpu.md). Its cost,
-            // seconds on the first run of each input shape, is paid in `warm_up`.
+            // cuDNN's default exhaustive algorithm search stays: on an H100 it was at least as fast
+            // as the heuristic choice (docs/benchmarks/gpu.md). Its cost, seconds on the first run
+            // of each input shape, is paid in `warm_up`.
             let cuda = ep::CUDA::default().build().error_on_failure();
             match builder.clone().with_execution_providers([cuda]) {
                 Ok(b) => builder = b,
