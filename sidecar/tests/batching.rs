@@ -31,6 +31,29 @@ async fn batches(s: &Server) -> (f64, f64) {
     (metric(&m, "inferpool_batch_size_count"), metric(&m, "inferpool_batch_size_sum"))
 }
 
+/// Sends `n` requests with a long deadline and returns once all of them wait in the batcher (a
+/// long max delay keeps them there). The batcher has no event for this, so its depth is polled.
+async fn hold(s: &Server, n: usize, image: &[u8]) -> Vec<tokio::task::JoinHandle<Reply>> {
+    let waiting = (0..n)
+        .map(|_| {
+            let (url, image) = (s.url("/api/v1/embed"), image.to_vec());
+            let headers = [("content-type", "image/jpeg"), ("x-deadline-ms", "20000")];
+            tokio::spawn(async move { send(Method::POST, &url, &headers, image).await })
+        })
+        .collect();
+    let queued = async {
+        let mut ticker = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            ticker.tick().await;
+            if s.app.batcher().is_some_and(|b| b.depth() == n) {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued).await.unwrap();
+    waiting
+}
+
 async fn push_tuning(s: &Server, tuning: Value) -> Reply {
     let body = serde_json::to_vec(&tuning).unwrap();
     send(Method::PUT, &s.admin_url("/api/v1/tuning"), &[("authorization", &format!("Bearer {TOKEN}"))], body).await
@@ -99,24 +122,7 @@ async fn full_queue_answers_429_and_expired_requests_504() {
     .await;
     assert_eq!((r.status, r.code().as_str()), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"));
 
-    let waiting: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, image) = (s.url("/api/v1/embed"), image.clone());
-            let headers = [("content-type", "image/jpeg"), ("x-deadline-ms", "20000")];
-            tokio::spawn(async move { send(Method::POST, &url, &headers, image).await })
-        })
-        .collect();
-    // The queue holds two requests once both have been decoded and queued.
-    let full = async {
-        let mut ticker = tokio::time::interval(Duration::from_millis(10));
-        loop {
-            ticker.tick().await;
-            if s.app.batcher().is_some_and(|b| b.depth() == 2) {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), full).await.unwrap();
+    let waiting = hold(&s, 2, &image).await;
     let r = post_image(&s.url("/api/v1/embed"), &image).await;
     assert_eq!((r.status, r.code().as_str()), (StatusCode::TOO_MANY_REQUESTS, "queue_full"));
     assert_eq!(r.headers.get("retry-after").unwrap(), "1");
@@ -140,23 +146,7 @@ async fn requests_that_the_queue_would_keep_past_their_deadline_are_refused_befo
 
     // Hold two requests in a filling batch, then ask for an answer within 1 ms.
     push_tuning(&s, json!({"generation": 1, "maxBatchSize": 64, "maxDelayMs": 2000})).await;
-    let waiting: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, image) = (s.url("/api/v1/embed"), image.clone());
-            let headers = [("content-type", "image/jpeg"), ("x-deadline-ms", "20000")];
-            tokio::spawn(async move { send(Method::POST, &url, &headers, image).await })
-        })
-        .collect();
-    let queued = async {
-        let mut ticker = tokio::time::interval(Duration::from_millis(10));
-        loop {
-            ticker.tick().await;
-            if s.app.batcher().is_some_and(|b| b.depth() == 2) {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), queued).await.unwrap();
+    let waiting = hold(&s, 2, &image).await;
     let headers = [("content-type", "image/jpeg"), ("x-deadline-ms", "1")];
     let r = send(Method::POST, &s.url("/api/v1/embed"), &headers, image.clone()).await;
     assert_eq!((r.status, r.code().as_str()), (StatusCode::TOO_MANY_REQUESTS, "overloaded"), "{}", r.text());
