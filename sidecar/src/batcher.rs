@@ -8,11 +8,8 @@
 //! from the live [`Tuning`] and can change at any moment without a restart.
 //!
 //! Admission comes first: a caller takes a [`Slot`] before it decodes anything, and holds it until
-//! its answer arrives or it gives up. When all `capacity` slots are taken, or when the work already
-//! queued would keep the request past its deadline, it is refused at once (429), so overload costs
-//! neither decoding nor unbounded latency. The wait is estimated from the queue length and the
-//! measured time per image; with nothing queued a request is always admitted, so an estimate made
-//! wrong by one slow batch corrects itself with the next. A request whose deadline
+//! its answer arrives or it gives up. When all `capacity` slots are taken the request is refused at
+//! once (429), so overload costs neither decoding nor unbounded latency. A request whose deadline
 //! has passed, or whose caller has gone away, is answered or dropped when it is taken from the
 //! queue and never runs. (Skipping requests that an estimate says *would* miss their deadline was
 //! tried and removed: one slow batch, such as a GPU's first run of a new batch size, inflated the
@@ -20,7 +17,6 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,12 +58,6 @@ pub enum BatchError {
     /// Every admission slot is taken.
     #[error("the inference queue is full ({0} requests admitted)")]
     QueueFull(usize),
-    /// The work already queued would keep this request past its deadline.
-    #[error("overloaded: the queue ahead would take about {wait_ms} ms, beyond the request's deadline")]
-    Overloaded {
-        /// Estimated wait, in milliseconds.
-        wait_ms: u64,
-    },
     /// The batcher no longer accepts work.
     #[error("the sidecar is shutting down")]
     ShuttingDown,
@@ -126,10 +116,6 @@ struct Shared {
     capacity: usize,
     /// Admission: one permit per request between admission and its answer.
     slots: Semaphore,
-    /// Smoothed model time per image, in seconds (f64 bits; 0 until a batch has run).
-    per_image_s: AtomicU64,
-    /// Worker threads, which share the queue.
-    sessions: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -171,8 +157,6 @@ impl Batcher {
             wake: Condvar::new(),
             capacity,
             slots: Semaphore::new(capacity),
-            per_image_s: AtomicU64::new(0),
-            sessions: engines.len().max(1),
             metrics,
         });
         publish_tuning(&shared.metrics, &tuning);
@@ -202,17 +186,9 @@ impl Batcher {
         Ok(batcher)
     }
 
-    /// Admits one request, or refuses it at once when every slot is taken or the queue ahead of it
-    /// would outlast its deadline.
-    pub fn admit(&self, deadline: Instant) -> Result<Slot<'_>, BatchError> {
-        let slot =
-            self.shared.slots.try_acquire().map(Slot).map_err(|_| BatchError::QueueFull(self.shared.capacity))?;
-        let per_image = f64::from_bits(self.shared.per_image_s.load(Ordering::Relaxed));
-        let wait = expected_wait(self.shared.lock().len, per_image, self.shared.sessions);
-        if Instant::now() + wait >= deadline {
-            return Err(BatchError::Overloaded { wait_ms: wait.as_millis() as u64 });
-        }
-        Ok(slot)
+    /// Admits one request, or refuses it at once when every slot is taken.
+    pub fn admit(&self) -> Result<Slot<'_>, BatchError> {
+        self.shared.slots.try_acquire().map(Slot).map_err(|_| BatchError::QueueFull(self.shared.capacity))
     }
 
     /// Queues one image tensor of an admitted request and waits for its embedding until `deadline`.
@@ -307,15 +283,6 @@ impl Drop for Batcher {
     }
 }
 
-/// Time for `queued` images to run on `sessions` sessions at `per_image_s` each; zero when nothing
-/// is queued or nothing has been measured yet.
-fn expected_wait(queued: usize, per_image_s: f64, sessions: usize) -> Duration {
-    if queued == 0 || !per_image_s.is_finite() || per_image_s <= 0.0 {
-        return Duration::ZERO;
-    }
-    Duration::from_secs_f64(per_image_s * queued as f64 / sessions.max(1) as f64)
-}
-
 fn publish_tuning(metrics: &Metrics, tuning: &Tuning) {
     metrics.tuning_generation.set(tuning.generation as i64);
     metrics.tuning_max_batch.set(i64::from(tuning.max_batch_size));
@@ -397,10 +364,6 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run(input, n)))
         .unwrap_or_else(|_| Err(crate::engine::EngineError::Mismatch("the engine panicked".into())));
     let inference = started.elapsed();
-    let per_image = inference.as_secs_f64() / n as f64;
-    let old = f64::from_bits(shared.per_image_s.load(Ordering::Relaxed));
-    let smoothed = if old > 0.0 { 0.5 * old + 0.5 * per_image } else { per_image };
-    shared.per_image_s.store(smoothed.to_bits(), Ordering::Relaxed);
     match result {
         Ok(output) => {
             shared.metrics.batch(n, inference);
@@ -452,15 +415,6 @@ mod tests {
         }
         let order: Vec<f32> = std::iter::from_fn(|| s.pop()).map(|j| j.input[0]).collect();
         assert_eq!(order, [3.0, 5.0, 2.0, 4.0, 1.0]);
-    }
-
-    #[test]
-    fn expected_wait_is_zero_until_measured_and_scales_with_the_queue() {
-        assert_eq!(expected_wait(100, 0.0, 1), Duration::ZERO, "nothing measured yet");
-        assert_eq!(expected_wait(0, 5.0, 1), Duration::ZERO, "an empty queue never refuses");
-        assert_eq!(expected_wait(100, 0.01, 1), Duration::from_secs(1));
-        assert_eq!(expected_wait(100, 0.01, 2), Duration::from_millis(500));
-        assert_eq!(expected_wait(3, f64::NAN, 1), Duration::ZERO);
     }
 
     #[test]

@@ -136,23 +136,3 @@ async fn full_queue_answers_429_and_expired_requests_504() {
     assert_eq!((sla["windows"][0]["requests"].as_u64(), sla["windows"][0]["errors"].as_u64()), (Some(4), Some(2)));
     s.stop().await;
 }
-
-#[tokio::test]
-async fn requests_that_the_queue_would_keep_past_their_deadline_are_refused_before_decoding() {
-    let s = Server::start(&["--max-batch", "64", "--max-delay-ms", "0", "--queue-capacity", "8"]).await;
-    let image = photo("rocket.jpg");
-    // One batch measures the time per image.
-    assert_eq!(post_image(&s.url("/api/v1/embed"), &image).await.status, StatusCode::OK);
-
-    // Hold two requests in a filling batch, then ask for an answer within 1 ms.
-    push_tuning(&s, json!({"generation": 1, "maxBatchSize": 64, "maxDelayMs": 2000})).await;
-    let waiting = hold(&s, 2, &image).await;
-    let headers = [("content-type", "image/jpeg"), ("x-deadline-ms", "1")];
-    let r = send(Method::POST, &s.url("/api/v1/embed"), &headers, image.clone()).await;
-    assert_eq!((r.status, r.code().as_str()), (StatusCode::TOO_MANY_REQUESTS, "overloaded"), "{}", r.text());
-    assert_eq!(r.headers.get("retry-after").unwrap(), "1");
-    for w in waiting {
-        assert_eq!(w.await.unwrap().status, StatusCode::OK);
-    }
-    s.stop().await;
-}

@@ -137,7 +137,7 @@ async fn embed_bytes(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Res
     if bytes.is_empty() {
         return Err(ApiError::EmptyBody);
     }
-    let slot = batcher.admit(opts.deadline)?;
+    let slot = batcher.admit()?;
     let tensor = {
         let _decoding = app.decoders.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
         let pre = Arc::clone(&app.preprocessor);

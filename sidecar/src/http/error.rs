@@ -130,7 +130,6 @@ impl ApiError {
             ApiError::StaleTuning(_) => (S::CONFLICT, "stale_generation"),
             ApiError::Batch(e) => match e {
                 BatchError::QueueFull(_) => (S::TOO_MANY_REQUESTS, "queue_full"),
-                BatchError::Overloaded { .. } => (S::TOO_MANY_REQUESTS, "overloaded"),
                 BatchError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
                 BatchError::DeadlineExceeded => (S::GATEWAY_TIMEOUT, "deadline_exceeded"),
                 BatchError::Engine(_) => (S::INTERNAL_SERVER_ERROR, "inference_failed"),
