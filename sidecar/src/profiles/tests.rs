@@ -1,0 +1,163 @@
+//! Tests of the profile store: validation, durability across reopen, corrupt files.
+use super::*;
+
+const DIM: usize = 4;
+type Refs = Vec<(String, Vec<f32>)>;
+
+fn refs(list: &[(&str, [f32; DIM])]) -> Refs {
+    list.iter().map(|(id, e)| (id.to_string(), e.to_vec())).collect()
+}
+
+fn one() -> Refs {
+    refs(&[("a", [1.0; DIM])])
+}
+
+fn store(dir: &Path) -> ProfileStore {
+    ProfileStore::open(dir, "model-a", DIM).unwrap()
+}
+
+#[test]
+fn put_replace_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let (first, created) = store.put("shoes", Some(0.8), refs(&[("a", [3.0, 4.0, 0.0, 0.0])])).unwrap();
+    assert!(created);
+    assert_eq!((first.version, first.model.as_str(), first.threshold), (1, "model-a", Some(0.8)));
+    assert_eq!(first.references[0].embedding, [0.6, 0.8, 0.0, 0.0], "normalised");
+
+    let (second, created) = store.put("shoes", None, refs(&[("b", [0.0, 0.0, 2.0, 0.0])])).unwrap();
+    assert_eq!((created, second.version, second.threshold), (false, 2, None));
+    assert_eq!(store.get("shoes").unwrap().references[0].id, "b");
+    assert!(matches!(store.get("hats"), Err(ProfileError::NotFound(id)) if id == "hats"));
+
+    // A directory where the tmp file goes makes the write fail, even when running as root.
+    fs::create_dir(dir.path().join("profiles/shoes.json.tmp")).unwrap();
+    assert!(matches!(store.put("shoes", None, one()), Err(ProfileError::Io(..))));
+    assert_eq!(store.get("shoes").unwrap().version, 2, "a failed write changes nothing");
+
+    store.delete("shoes").unwrap();
+    assert!(!dir.path().join("profiles/shoes.json").exists());
+    assert!(matches!(store.delete("shoes"), Err(ProfileError::NotFound(_))));
+    assert!(store.is_empty() && self::store(dir.path()).is_empty());
+}
+
+#[test]
+fn profiles_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = store(dir.path()).put("p1", Some(-0.5), refs(&[("x", [1.0, 2.0, 3.0, 4.0])])).unwrap().0;
+    store(dir.path()).put("p2", None, one()).unwrap();
+
+    let reopened = store(dir.path());
+    assert_eq!(reopened.len(), 2);
+    let read = reopened.get("p1").unwrap();
+    assert_eq!(
+        (&read.id, read.threshold, &read.references, read.version, &read.model, read.updated_at),
+        (&written.id, written.threshold, &written.references, 1, &written.model, written.updated_at)
+    );
+    assert_eq!(reopened.put("p1", None, one()).unwrap().0.version, 2);
+}
+
+#[test]
+fn unusable_files_are_moved_aside_and_the_rest_load() {
+    let dir = tempfile::tempdir().unwrap();
+    store(dir.path()).put("good", None, one()).unwrap();
+    let profiles = dir.path().join("profiles");
+    let good = fs::read(profiles.join("good.json")).unwrap();
+    fs::write(profiles.join("bad.json"), b"{\"id\": \"bad\", \"refer").unwrap();
+    fs::write(profiles.join("renamed.json"), &good).unwrap(); // the id inside says "good"
+    fs::write(profiles.join("good.json.tmp"), b"{\"id\": \"go").unwrap(); // a write cut short by a crash
+    fs::write(profiles.join("notes.txt"), b"left alone").unwrap();
+
+    let reopened = store(dir.path());
+    assert_eq!(reopened.all().iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), ["good"]);
+    assert_eq!(fs::read(profiles.join("bad.json.corrupt")).unwrap(), b"{\"id\": \"bad\", \"refer");
+    assert_eq!(fs::read(profiles.join("renamed.json.corrupt")).unwrap(), good);
+    fs::write(profiles.join("bad.json"), b"broken again").unwrap();
+    store(dir.path());
+    assert_eq!(fs::read(profiles.join("bad.json.1.corrupt")).unwrap(), b"broken again", "earlier copy kept");
+    for gone in ["bad.json", "renamed.json", "good.json.tmp"] {
+        assert!(!profiles.join(gone).exists(), "{gone}");
+    }
+    assert!(profiles.join("notes.txt").exists());
+}
+
+#[test]
+fn invalid_content_is_refused_with_a_specific_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let ok = [1.0; DIM];
+    let cases: Vec<(Refs, Option<f32>, &str)> = vec![
+        (vec![], None, "must not be empty"),
+        (vec![("a".to_owned(), ok.to_vec()); MAX_REFERENCES + 1], None, "at most 10000"),
+        (refs(&[("a", ok), ("b", [0.0; DIM])]), None, "references[1].embedding (\"b\") is all zeros"),
+        (refs(&[("a", [f32::NAN, 1.0, 1.0, 1.0])]), None, "references[0].embedding (\"a\") has a non-finite"),
+        (refs(&[("a", [f32::INFINITY, 1.0, 1.0, 1.0])]), None, "non-finite"),
+        (refs(&[("a", ok), ("b", ok), ("a", ok)]), None, "references[2].id \"a\" repeats references[0].id"),
+        (refs(&[("", ok)]), None, "references[0].id is empty"),
+        (one(), Some(1.5), "threshold 1.5"),
+        (one(), Some(f32::NAN), "threshold NaN"),
+    ];
+    for (refs, threshold, want) in cases {
+        match store.put("p", threshold, refs) {
+            Err(ProfileError::Invalid(msg)) => assert!(msg.contains(want), "{msg:?} should contain {want:?}"),
+            other => panic!("{want}: got {other:?}"),
+        }
+    }
+    let err = store.put("p", None, vec![("a".to_owned(), ok.to_vec()), ("short".to_owned(), vec![1.0; 3])]);
+    assert!(matches!(
+        err,
+        Err(ProfileError::DimensionMismatch { ref reference, expected: DIM, got: 3 }) if reference == "short"
+    ));
+    assert!(store.is_empty());
+    assert!(store.put("p", Some(-1.0), one()).is_ok(), "the bounds are inclusive");
+}
+
+#[test]
+fn ids_must_be_safe_file_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let long = "x".repeat(MAX_ID_LEN + 1);
+    for id in ["", "../x", "a/b", "a\\b", ".hidden", "..", "a b", "caf\u{e9}", "a\0b", long.as_str()] {
+        assert!(matches!(store.put(id, None, one()), Err(ProfileError::InvalidId(_))), "{id:?}");
+        assert!(matches!(store.get(id), Err(ProfileError::InvalidId(_))), "{id:?}");
+        assert!(matches!(store.delete(id), Err(ProfileError::InvalidId(_))), "{id:?}");
+    }
+    for id in ["a", "Shoes-2024_v1.final", &"y".repeat(MAX_ID_LEN)] {
+        assert!(store.put(id, None, one()).is_ok(), "{id:?}");
+    }
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "nothing written outside profiles/");
+}
+
+#[test]
+fn best_match_picks_the_highest_score_unless_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = [("far", [0.0, 1.0, 0.0, 0.0]), ("near", [1.0, 0.2, 0.0, 0.0]), ("opposite", [-1.0, 0.0, 0.0, 0.0])];
+    let (profile, _) = store(dir.path()).put("p", None, refs(&list)).unwrap();
+    let (id, score) = profile.best_match(&[1.0, 0.0, 0.0, 0.0]).unwrap();
+    assert_eq!(id, "near");
+    assert!((score - 1.0 / 1.04f32.sqrt()).abs() < 1e-6);
+    assert_eq!(profile.best_match(&[-1.0, 0.0, 0.0, 0.0]).unwrap().0, "opposite");
+
+    // After a model upgrade the profile is still listed, but never matches until it is put again.
+    let upgraded = ProfileStore::open(dir.path(), "model-b", 8).unwrap();
+    let old = upgraded.get("p").unwrap();
+    assert!(old.is_stale("model-b") && !old.is_stale("model-a") && upgraded.len() == 1);
+    assert_eq!(old.best_match(&[1.0, 0.0, 0.0, 0.0]), None);
+    let (fresh, created) = upgraded.put("p", None, vec![("a".to_owned(), vec![1.0; 8])]).unwrap();
+    assert!(!created && fresh.version == 2 && !fresh.is_stale("model-b"));
+    assert!(fresh.best_match(&[0.5; 8]).is_some());
+}
+
+#[test]
+fn concurrent_writes_to_one_id_get_distinct_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let put_five = || (0..5).map(|_| store.put("hot", None, one()).unwrap().0.version).collect::<Vec<_>>();
+    let mut versions: Vec<u64> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8).map(|_| s.spawn(put_five)).collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=40).collect::<Vec<_>>());
+    assert_eq!(self::store(dir.path()).get("hot").unwrap().version, 40);
+}
