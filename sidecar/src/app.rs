@@ -122,7 +122,13 @@ impl App {
         let engines = (0..cfg.sessions).map(|_| Engine::load(&self.card, &opts)).collect::<Result<Vec<_>, _>>()?;
         let loaded = Loaded { provider: engines[0].provider(), variant: engines[0].variant() };
         self.metrics.set_model(&self.card.card.name, loaded.variant.as_str(), loaded.provider.as_str());
-        let batcher = Batcher::start(engines, cfg.tuning, cfg.queue_capacity, Arc::clone(&self.metrics))?;
+        let batcher = Batcher::start(
+            engines,
+            cfg.tuning,
+            cfg.queue_capacity,
+            Arc::clone(&self.preprocessor),
+            Arc::clone(&self.metrics),
+        )?;
         let _ = self.loaded.set(loaded);
         let _ = self.batcher.set(batcher);
         Ok(loaded)

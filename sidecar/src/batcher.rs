@@ -26,6 +26,7 @@ use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
 use crate::engine::{Engine, EngineError};
 use crate::metrics::Metrics;
+use crate::preprocess::Preprocessor;
 
 /// Request priority, from the `X-Priority` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,7 +81,8 @@ pub struct StaleTuning {
 }
 
 struct Job {
-    input: Vec<f32>,
+    /// Resized RGB8 pixels; normalised when the batch is assembled (4x smaller while queued).
+    pixels: Vec<u8>,
     enqueued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<Embedded, BatchError>>,
@@ -116,6 +118,8 @@ struct Shared {
     capacity: usize,
     /// Admission: one permit per request between admission and its answer.
     slots: Semaphore,
+    /// Normalises queued pixels into the model's input as a batch is assembled.
+    preprocessor: Arc<Preprocessor>,
     metrics: Arc<Metrics>,
 }
 
@@ -150,6 +154,7 @@ impl Batcher {
         engines: Vec<Engine>,
         tuning: Tuning,
         capacity: usize,
+        preprocessor: Arc<Preprocessor>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EngineError> {
         let shared = Arc::new(Shared {
@@ -157,6 +162,7 @@ impl Batcher {
             wake: Condvar::new(),
             capacity,
             slots: Semaphore::new(capacity),
+            preprocessor,
             metrics,
         });
         publish_tuning(&shared.metrics, &tuning);
@@ -191,15 +197,16 @@ impl Batcher {
         self.shared.slots.try_acquire().map(Slot).map_err(|_| BatchError::QueueFull(self.shared.capacity))
     }
 
-    /// Queues one image tensor of an admitted request and waits for its embedding until `deadline`.
+    /// Queues one image of an admitted request, as resized pixels from
+    /// [`Preprocessor::prepare_pixels`], and waits for its embedding until `deadline`.
     pub async fn embed(
         &self,
         _slot: &Slot<'_>,
-        input: Vec<f32>,
+        pixels: Vec<u8>,
         priority: Priority,
         deadline: Instant,
     ) -> Result<Embedded, BatchError> {
-        let rx = self.submit(input, priority, deadline)?;
+        let rx = self.submit(pixels, priority, deadline)?;
         // The receiver is dropped when this statement ends, which marks the job abandoned.
         let outcome = tokio::time::timeout_at(deadline.into(), rx).await;
         match outcome {
@@ -216,7 +223,7 @@ impl Batcher {
 
     fn submit(
         &self,
-        input: Vec<f32>,
+        pixels: Vec<u8>,
         priority: Priority,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Result<Embedded, BatchError>>, BatchError> {
@@ -234,7 +241,7 @@ impl Batcher {
         if state.len >= 2 * self.shared.capacity {
             state.prune();
         }
-        state.lanes[priority as usize].push_back(Job { input, enqueued: now, deadline, reply });
+        state.lanes[priority as usize].push_back(Job { pixels, enqueued: now, deadline, reply });
         state.len += 1;
         self.shared.publish_depth(&state);
         drop(state);
@@ -352,11 +359,11 @@ fn still_wanted(job: Job) -> Option<Job> {
 fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
     let n = batch.len();
     let started = Instant::now();
-    let per_image = batch[0].input.len();
-    let mut input = Vec::with_capacity(n * per_image);
+    let per_image = shared.preprocessor.tensor_len();
+    let mut input = vec![0.0f32; n * per_image];
     let mut replies = Vec::with_capacity(n);
-    for job in batch {
-        input.extend_from_slice(&job.input);
+    for (job, slot) in batch.into_iter().zip(input.chunks_exact_mut(per_image)) {
+        shared.preprocessor.normalize_into(&job.pixels, slot);
         let wait = started.duration_since(job.enqueued);
         shared.metrics.queue_wait(wait);
         replies.push((job.reply, wait));
@@ -386,10 +393,10 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
 mod tests {
     use super::*;
 
-    fn job(tag: f32) -> (Job, oneshot::Receiver<Result<Embedded, BatchError>>) {
+    fn job(tag: u8) -> (Job, oneshot::Receiver<Result<Embedded, BatchError>>) {
         let (reply, rx) = oneshot::channel();
         let now = Instant::now();
-        (Job { input: vec![tag], enqueued: now, deadline: now + Duration::from_secs(60), reply }, rx)
+        (Job { pixels: vec![tag], enqueued: now, deadline: now + Duration::from_secs(60), reply }, rx)
     }
 
     fn state() -> State {
@@ -401,45 +408,41 @@ mod tests {
     fn high_priority_leaves_first_and_each_lane_is_fifo() {
         let mut s = state();
         let mut keep = Vec::new();
-        for (lane, tag) in [
-            (Priority::Low, 1.0),
-            (Priority::Normal, 2.0),
-            (Priority::High, 3.0),
-            (Priority::Normal, 4.0),
-            (Priority::High, 5.0),
-        ] {
+        for (lane, tag) in
+            [(Priority::Low, 1), (Priority::Normal, 2), (Priority::High, 3), (Priority::Normal, 4), (Priority::High, 5)]
+        {
             let (j, rx) = job(tag);
             keep.push(rx);
             s.lanes[lane as usize].push_back(j);
             s.len += 1;
         }
-        let order: Vec<f32> = std::iter::from_fn(|| s.pop()).map(|j| j.input[0]).collect();
-        assert_eq!(order, [3.0, 5.0, 2.0, 4.0, 1.0]);
+        let order: Vec<u8> = std::iter::from_fn(|| s.pop()).map(|j| j.pixels[0]).collect();
+        assert_eq!(order, [3, 5, 2, 4, 1]);
     }
 
     #[test]
     fn prune_drops_only_abandoned_jobs() {
         let mut s = state();
-        let (a, rx_a) = job(1.0);
-        let (b, rx_b) = job(2.0);
+        let (a, rx_a) = job(1);
+        let (b, rx_b) = job(2);
         s.lanes[1].extend([a, b]);
         s.len = 2;
         drop(rx_a);
         s.prune();
         assert_eq!(s.len, 1);
-        assert_eq!(s.pop().map(|j| j.input[0]), Some(2.0));
+        assert_eq!(s.pop().map(|j| j.pixels[0]), Some(2));
         drop(rx_b);
     }
 
     #[test]
     fn expired_jobs_are_answered_504_and_abandoned_ones_never_run() {
-        let (mut j, mut rx) = job(1.0);
+        let (mut j, mut rx) = job(1);
         j.deadline = Instant::now();
         assert!(still_wanted(j).is_none());
         assert_eq!(rx.try_recv().unwrap().unwrap_err(), BatchError::DeadlineExceeded);
-        let (j, _rx) = job(2.0);
+        let (j, _rx) = job(2);
         assert!(still_wanted(j).is_some());
-        let (j, rx) = job(3.0);
+        let (j, rx) = job(3);
         drop(rx);
         assert!(still_wanted(j).is_none(), "an abandoned job never runs");
     }

@@ -75,9 +75,18 @@ impl Preprocessor {
 
     /// Decodes, resizes and normalises one image into `tensor_len()` f32s in the card's layout.
     pub fn prepare(&self, bytes: &[u8]) -> Result<Vec<f32>, PreprocessError> {
+        let pixels = self.prepare_pixels(bytes)?;
+        let mut out = vec![0.0f32; self.tensor_len()];
+        self.normalize_into(&pixels, &mut out);
+        Ok(out)
+    }
+
+    /// Decodes and resizes one image to the card's size: packed RGB8, a quarter of the tensor's
+    /// bytes. Requests wait in the batch queue in this form and are normalised as their batch is
+    /// assembled ([`Preprocessor::normalize_into`]).
+    pub fn prepare_pixels(&self, bytes: &[u8]) -> Result<Vec<u8>, PreprocessError> {
         let (width, height, rgb) = self.decode(bytes)?;
-        let resized = self.resize(width, height, rgb)?;
-        Ok(self.normalize(&resized))
+        Ok(self.resize(width, height, rgb)?.into_vec())
     }
 
     /// Decodes to packed RGB8, checking the header's size before the pixels are read.
@@ -129,9 +138,9 @@ impl Preprocessor {
     }
 
     /// Writes `(x - mean) / std` per channel in the card's channel order and layout.
-    fn normalize(&self, image: &Image<'_>) -> Vec<f32> {
-        let pixels = image.buffer();
-        let mut out = vec![0.0f32; self.tensor_len()];
+    /// Writes the normalised tensor of pixels from [`Preprocessor::prepare_pixels`] into `out`
+    /// (`tensor_len()` values, in the card's layout and channel order).
+    pub fn normalize_into(&self, pixels: &[u8], out: &mut [f32]) {
         match self.input.layout {
             Layout::Nchw => {
                 let plane_len = out.len() / 3;
@@ -150,7 +159,6 @@ impl Preprocessor {
                 }
             }
         }
-        out
     }
 }
 

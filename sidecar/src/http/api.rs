@@ -141,7 +141,7 @@ async fn embed_bytes(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Res
     let tensor = {
         let _decoding = app.decoders.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
         let pre = Arc::clone(&app.preprocessor);
-        blocking(move || pre.prepare(&bytes)).await??
+        blocking(move || pre.prepare_pixels(&bytes)).await??
     };
     Ok(batcher.embed(&slot, tensor, opts.priority, opts.deadline).await?)
 }
