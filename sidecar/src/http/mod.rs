@@ -14,7 +14,7 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
@@ -107,7 +107,9 @@ pub async fn serve(
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
 ) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that opens a connection and sends its headers slowly must not hold it forever.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(30));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
