@@ -79,6 +79,7 @@ pub fn metrics_text(app: &App) -> Resp {
 }
 
 /// Priority and deadline of a request, from its headers.
+#[derive(Clone, Copy)]
 struct RequestOptions {
     priority: Priority,
     deadline: Instant,
@@ -118,14 +119,15 @@ fn request_options(app: &App, headers: &HeaderMap, min_deadline: Duration) -> Re
     Ok(RequestOptions { priority, deadline })
 }
 
-/// Refuses bodies that say they are something other than an image.
-fn require_image(headers: &HeaderMap) -> Result<(), ApiError> {
+/// Refuses a body whose Content-Type starts with none of `accepted` (an absent one is accepted:
+/// the body is checked for what it is anyway).
+fn require_content_type(headers: &HeaderMap, accepted: &[&str], want: &'static str) -> Result<(), ApiError> {
     let Some(ct) = headers.get(CONTENT_TYPE) else { return Ok(()) };
     let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-    if ct.starts_with("image/") || ct.starts_with("application/octet-stream") {
+    if accepted.iter().any(|a| ct.starts_with(a)) {
         Ok(())
     } else {
-        Err(ApiError::UnsupportedMediaType { got: ct, want: "an image (Content-Type: image/jpeg, image/png, ...)" })
+        Err(ApiError::UnsupportedMediaType { got: ct, want })
     }
 }
 
@@ -152,7 +154,8 @@ async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Embedd
     if !app.is_ready() {
         return Err(ApiError::NotReady);
     }
-    require_image(req.headers())?;
+    let image = "an image (Content-Type: image/jpeg, image/png, ...)";
+    require_content_type(req.headers(), &["image/", "application/octet-stream"], image)?;
     let opts = request_options(app, req.headers(), Duration::ZERO)?;
     let body = read_body(req, app.config.max_body_bytes).await?;
     Ok((embed_bytes(app, body, &opts).await?, started))
@@ -288,11 +291,7 @@ struct ReferenceBody {
 
 async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
     crate::profiles::check_id(id)?;
-    if let Some(ct) = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok())
-        && !ct.to_ascii_lowercase().starts_with("application/json")
-    {
-        return Err(ApiError::UnsupportedMediaType { got: ct.to_owned(), want: "application/json" });
-    }
+    require_content_type(req.headers(), &["application/json"], "application/json")?;
     let opts = request_options(app, req.headers(), PROFILE_UPLOAD_DEADLINE)?;
     let body = read_body(req, app.config.max_body_bytes).await?;
     let body: ProfileBody = serde_json::from_slice(&body).map_err(json_error)?;
@@ -320,7 +319,6 @@ async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result
     for (i, (_, source)) in pending.iter().enumerate() {
         if let Source::Image(bytes) = source {
             let (app, bytes) = (Arc::clone(app), bytes.clone());
-            let opts = RequestOptions { priority: opts.priority, deadline: opts.deadline };
             tasks.spawn(async move { (i, embed_bytes(&app, bytes, &opts).await) });
         }
     }
