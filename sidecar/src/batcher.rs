@@ -374,10 +374,8 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Job>) {
     match result {
         Ok(output) => {
             shared.metrics.batch(n, inference);
-            let dim = output.len() / n;
-            for ((reply, queue_wait), embedding) in replies.into_iter().zip(output.chunks_exact(dim)) {
-                let _ =
-                    reply.send(Ok(Embedded { embedding: embedding.to_vec(), queue_wait, inference, batch_size: n }));
+            for ((reply, queue_wait), embedding) in replies.into_iter().zip(output) {
+                let _ = reply.send(Ok(Embedded { embedding, queue_wait, inference, batch_size: n }));
             }
         }
         Err(e) => {

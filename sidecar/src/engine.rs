@@ -180,13 +180,13 @@ impl Engine {
         })
     }
 
-    /// Runs `n` images laid end to end in `batch` and returns `n * dim` embedding values.
+    /// Runs `n` images laid end to end in `batch` and returns their `n` embeddings.
     ///
     /// On CUDA the batch is padded with blank images to the next power of two: the first run of
     /// each new input shape costs seconds there (kernel selection and memory planning), and
     /// dynamic batching would otherwise meet every size from 1 to the maximum. With padding the
     /// GPU sees a handful of shapes, all run once by [`Engine::warm_up`].
-    pub fn run(&mut self, mut batch: Vec<f32>, n: usize) -> Result<Vec<f32>, EngineError> {
+    pub fn run(&mut self, mut batch: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, EngineError> {
         let rows = self.rows_for(n);
         batch.resize(rows * self.image_len(), 0.0);
         let [a, b, c] = self.image_shape;
@@ -199,7 +199,7 @@ impl Engine {
                 self.output_name, self.dim
             )));
         }
-        Ok(data[..n * self.dim].to_vec())
+        Ok(data[..n * self.dim].chunks_exact(self.dim).map(<[f32]>::to_vec).collect())
     }
 
     /// Rows actually run for `n` images (see [`Engine::run`]).
