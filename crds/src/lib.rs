@@ -8,5 +8,5 @@
 pub mod sla;
 pub mod tuning;
 
-pub use sla::{LatencyQuantiles, SlaReport, WindowReport};
+pub use sla::{LatencyQuantiles, SlaReport, TierHitRates, WindowReport};
 pub use tuning::{Tuning, TuningError};

@@ -59,6 +59,20 @@ pub struct WindowReport {
     pub cache_lookups: u64,
     /// Fraction of cache lookups answered from any tier (0 when there were none).
     pub cache_hit_rate: f64,
+    /// Fraction of cache lookups answered by each tier; the three add up to `cache_hit_rate`.
+    #[serde(default)]
+    pub cache_hit_rate_by_tier: TierHitRates,
+}
+
+/// Cache hit rates per tier, each a fraction of all lookups.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct TierHitRates {
+    /// Answered from process memory (L1).
+    pub memory: f64,
+    /// Answered from the local disk (L2).
+    pub disk: f64,
+    /// Answered from Redis (L3).
+    pub redis: f64,
 }
 
 /// Latency quantiles in milliseconds.
