@@ -7,12 +7,15 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::batcher::Batcher;
+use crate::cache::Cache;
+use crate::cache::coalesce::Coalescer;
 use crate::config::Config;
 use crate::engine::{Engine, EngineError, EngineOptions, Provider};
 use crate::metrics::Metrics;
 use crate::model::{LoadedCard, Variant};
 use crate::preprocess::Preprocessor;
 use crate::profiles::ProfileStore;
+use crate::profiles::sync::ProfileSync;
 
 /// What was loaded, for reports.
 #[derive(Debug, Clone, Copy)]
@@ -45,13 +48,21 @@ pub struct App {
     /// Image decoding and normalisation for the card's input.
     pub preprocessor: Arc<Preprocessor>,
     /// Durable reference profiles.
-    pub profiles: ProfileStore,
+    pub profiles: Arc<ProfileStore>,
+    /// Shares profiles with the pool's other replicas through Redis, when configured.
+    pub profile_sync: Option<Arc<ProfileSync>>,
     /// Images being decoded at once: one per CPU, so a burst cannot spawn hundreds of threads.
     pub decoders: tokio::sync::Semaphore,
     /// Metrics and SLA windows.
     pub metrics: Arc<Metrics>,
     /// Identifies the model family that made an embedding; profiles made by another are stale.
     pub fingerprint: String,
+    /// The embedding cache (tiers that are configured off hold nothing).
+    pub cache: Arc<Cache>,
+    /// Images being embedded now, so identical concurrent requests share one inference.
+    pub inflight: Coalescer<Arc<[f32]>, crate::http::ApiError>,
+    /// What cache keys are derived under: the exact model file and preprocessing, set on load.
+    cache_namespace: OnceLock<String>,
     /// Set once the model is loaded and warmed.
     batcher: OnceLock<Batcher>,
     loaded: OnceLock<Loaded>,
@@ -72,6 +83,9 @@ pub enum StartError {
     /// The profile store could not be opened.
     #[error("profile store: {0}")]
     Profiles(#[from] crate::profiles::ProfileError),
+    /// The cache could not be opened.
+    #[error(transparent)]
+    Cache(#[from] crate::cache::tiers::CacheError),
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -81,14 +95,21 @@ pub enum StartError {
 }
 
 impl App {
-    /// Reads the card, opens the profile store and registers metrics; the model loads later.
+    /// Reads the card, opens the profile store and the cache and registers metrics; the model loads
+    /// later. Call inside a tokio runtime (the cache starts background tasks).
     pub fn new(config: Config) -> Result<Self, StartError> {
         let card = LoadedCard::load(&config.model)?;
         let metrics = Arc::new(Metrics::new()?);
         let fingerprint = fingerprint(&card);
-        let profiles = ProfileStore::open(&config.data_dir, &fingerprint, card.card.output.dim)?;
+        let profiles = Arc::new(ProfileStore::open(&config.data_dir, &fingerprint, card.card.output.dim)?);
         let preprocessor = Arc::new(Preprocessor::new(card.card.input.clone(), config.max_pixels));
+        let cache = Cache::open(&config.cache, card.card.output.dim, Arc::clone(&metrics))?;
+        let profile_sync = cache.redis().map(|r| Arc::new(ProfileSync::new(Arc::clone(r), Arc::clone(&profiles))));
         Ok(App {
+            profile_sync,
+            cache,
+            cache_namespace: OnceLock::new(),
+            inflight: Coalescer::default(),
             config,
             card,
             preprocessor,
@@ -129,6 +150,7 @@ impl App {
             Arc::clone(&self.preprocessor),
             Arc::clone(&self.metrics),
         )?;
+        let _ = self.cache_namespace.set(cache_namespace(&self.card, loaded.variant));
         let _ = self.loaded.set(loaded);
         let _ = self.batcher.set(batcher);
         Ok(loaded)
@@ -142,6 +164,11 @@ impl App {
     /// The batcher even while draining (for tuning and reports).
     pub fn batcher_any(&self) -> Option<&Batcher> {
         self.batcher.get()
+    }
+
+    /// The cache key of an image under the model being served (None before the model is loaded).
+    pub fn cache_key(&self, image: &[u8]) -> Option<crate::cache::Key> {
+        self.cache_namespace.get().map(|ns| crate::cache::Key::of(ns, image))
     }
 
     /// Provider and variant, once loaded.
@@ -182,4 +209,15 @@ impl App {
 fn fingerprint(card: &LoadedCard) -> String {
     let sha = card.variants().next().map(|(_, f)| f.sha256.as_str()).unwrap_or("");
     format!("{}@{}", card.card.name, &sha[..sha.len().min(16)])
+}
+
+/// Version of the preprocessing code; bump it when decoding or resizing changes what the model sees.
+const PREPROCESS_VERSION: u32 = 1;
+
+/// What a cached embedding depends on: the exact model file in use (its sha256), the input
+/// specification from the card, and the preprocessing code. Change any and every key changes.
+fn cache_namespace(card: &LoadedCard, variant: Variant) -> String {
+    let sha = card.variants().find(|(v, _)| *v == variant).map(|(_, f)| f.sha256.as_str()).unwrap_or("");
+    let input = serde_json::to_string(&card.card.input).unwrap_or_default();
+    format!("{}|{sha}|{input}|pre{PREPROCESS_VERSION}", card.card.name)
 }

@@ -12,6 +12,9 @@ use std::time::Duration;
 use clap::Parser;
 use inferpool_crds::Tuning;
 
+use crate::cache::CacheConfig;
+use crate::cache::codec::Encoding;
+use crate::cache::redis::RedisConfig;
 use crate::model::Optimization;
 
 /// Exit code for bad configuration (EX_USAGE from sysexits.h).
@@ -77,6 +80,43 @@ pub struct Args {
     /// .cache/onnxruntime (after `make setup`), or on the system library path.
     #[arg(long, env = "INFERPOOL_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
+    /// Directory of the disk cache (L2). Default: `cache` under --data-dir.
+    #[arg(long, env = "INFERPOOL_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Capacity of the memory cache (L1) in embeddings; 0 turns it off (live-tunable).
+    #[arg(long, env = "INFERPOOL_MEMORY_ENTRIES", default_value = "1000")]
+    pub memory_entries: String,
+    /// Budget of the disk cache (L2) in MiB, file blocks included; 0 turns it off.
+    #[arg(long, env = "INFERPOOL_DISK_MB", default_value = "1024")]
+    pub disk_mb: String,
+    /// Redis for the shared cache (L3) and shared profiles: redis://[user:pass@]host:port[/db] or
+    /// rediss://... for TLS. Absent: no L3, profiles stay local.
+    #[arg(long, env = "INFERPOOL_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Redis password (overrides one in the URL). Prefer --redis-password-file.
+    #[arg(long, env = "INFERPOOL_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// File holding the Redis password (e.g. a mounted Secret); used when --redis-password is absent.
+    #[arg(long, env = "INFERPOOL_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// Time to live of an embedding in Redis, in seconds.
+    #[arg(long, env = "INFERPOOL_REDIS_TTL_SECONDS", default_value = "3600")]
+    pub redis_ttl_seconds: String,
+    /// Budget of one Redis lookup, in ms; slower answers count as misses and trip the breaker.
+    #[arg(long, env = "INFERPOOL_REDIS_TIMEOUT_MS", default_value = "20")]
+    pub redis_timeout_ms: String,
+    /// Prefix of every Redis key, so pools can share one Redis.
+    #[arg(long, env = "INFERPOOL_REDIS_PREFIX", default_value = "inferpool:")]
+    pub redis_prefix: String,
+    /// How embeddings are stored in L2 and L3: f32 (exact) | f16 (half the bytes).
+    #[arg(long, env = "INFERPOOL_CACHE_ENCODING", default_value = "f32")]
+    pub cache_encoding: String,
+    /// Memory limit in MiB for the memory-pressure guard; 0 = the cgroup's limit, if any.
+    #[arg(long, env = "INFERPOOL_MEMORY_LIMIT_MB", default_value = "0")]
+    pub memory_limit_mb: String,
+    /// Share of the memory limit above which the memory cache is shrunk, then cleared.
+    #[arg(long, env = "INFERPOOL_MEMORY_PRESSURE_RATIO", default_value = "0.85")]
+    pub memory_pressure_ratio: String,
     /// Log format: text | json.
     #[arg(long, env = "INFERPOOL_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -139,6 +179,10 @@ pub struct Config {
     pub ort_library: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
+    /// The embedding cache.
+    pub cache: CacheConfig,
+    /// Resident memory above which the memory cache gives memory back, in bytes; None = unguarded.
+    pub memory_threshold: Option<u64>,
 }
 
 /// Every configuration problem found, one per line.
@@ -229,6 +273,43 @@ impl Args {
         if admin_token.as_deref().is_some_and(str::is_empty) {
             c.0.push("the admin token is empty".to_owned());
         }
+        let memory_entries =
+            c.range("memory-entries", &self.memory_entries, 0u64, inferpool_crds::tuning::MAX_CACHE_ENTRIES);
+        let disk_mb = c.range("disk-mb", &self.disk_mb, 0u64, 1 << 30);
+        let encoding = c.parse("cache-encoding", &self.cache_encoding, Encoding::F32);
+        let ttl = Duration::from_secs(c.range("redis-ttl-seconds", &self.redis_ttl_seconds, 1u64, 30 * 86_400));
+        let timeout = Duration::from_millis(c.range("redis-timeout-ms", &self.redis_timeout_ms, 1u64, 10_000));
+        let redis_password = match (self.redis_password, &self.redis_password_file) {
+            (Some(p), _) => Some(p),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_owned()),
+                Err(e) => {
+                    c.0.push(format!("--redis-password-file {}: {e}", path.display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        let redis = self.redis_url.map(|url| {
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+            if !scheme_ok || url.len() <= "rediss://".len() {
+                c.0.push("--redis-url: expected redis://host:port[/db] or rediss://host:port[/db]".to_owned());
+            }
+            RedisConfig { url, password: redis_password, ttl, timeout, prefix: self.redis_prefix.clone() }
+        });
+        let memory_limit_mb = c.range("memory-limit-mb", &self.memory_limit_mb, 0u64, 1 << 30);
+        let pressure_ratio = c.range("memory-pressure-ratio", &self.memory_pressure_ratio, 0.1f64, 1.0);
+        let memory_limit = match memory_limit_mb {
+            0 => crate::cache::pressure::cgroup_limit(),
+            mb => Some(mb << 20),
+        };
+        let cache = CacheConfig {
+            memory_entries,
+            dir: self.cache_dir.unwrap_or_else(|| self.data_dir.join("cache")),
+            disk_bytes: disk_mb << 20,
+            redis,
+            encoding,
+        };
         let model = self.model.or_else(default_model).unwrap_or_else(|| PathBuf::from("models/effnet_lite0/card.json"));
         if !model.exists() {
             c.0.push(format!(
@@ -266,6 +347,8 @@ impl Args {
             shutdown_grace,
             ort_library: self.ort_library,
             log_format,
+            cache,
+            memory_threshold: memory_limit.map(|l| (l as f64 * pressure_ratio) as u64),
         })
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod batcher;
+pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod http;
@@ -30,6 +31,9 @@ use tokio::sync::watch;
 
 pub use app::{App, Phase, StartError};
 pub use config::{Args, Config};
+
+/// Longest the shutdown waits for queued cache writes.
+const CACHE_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves the public API on `listener` and the admin API on `admin` until `shutdown` completes.
 ///
@@ -61,6 +65,12 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let public = http::serve(listener, Arc::clone(&app), http::Listener::Public, &graceful, stop_rx.clone());
     let admin = http::serve(admin, Arc::clone(&app), http::Listener::Admin, &graceful, stop_rx);
+    if let Some(threshold) = app.config.memory_threshold {
+        cache::pressure::spawn(Arc::clone(&app.cache), threshold, report::rss_bytes);
+    }
+    if let Some(sync) = &app.profile_sync {
+        Arc::clone(sync).spawn();
+    }
     let loader = {
         let app = Arc::clone(&app);
         tokio::task::spawn_blocking(move || app.load_model())
@@ -99,6 +109,10 @@ pub async fn serve(
     }
     let drained = Arc::clone(&app);
     let _ = tokio::task::spawn_blocking(move || drained.drain()).await;
+    // Cache writes still queued are worth keeping (a restarted replica answers them from disk).
+    if tokio::time::timeout(CACHE_FLUSH, app.cache.flush()).await.is_err() {
+        tracing::warn!("cache writes still queued at exit were dropped");
+    }
     match load_result {
         Some(Err(e)) => Err(e),
         _ => Ok(()),

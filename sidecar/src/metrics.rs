@@ -11,6 +11,7 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::cache::{ErrorKind, Tier};
 use crate::sla::Windows;
 
 /// Routes as metric labels.
@@ -69,6 +70,16 @@ pub struct Metrics {
     /// Requests waiting in the batch queue.
     pub queue_depth: IntGauge,
     cache_requests: IntCounterVec,
+    cache_entries: IntGaugeVec,
+    cache_bytes: IntGaugeVec,
+    cache_errors: IntCounterVec,
+    cache_lookup: HistogramVec,
+    cache_circuit: IntGaugeVec,
+    /// Requests answered by an inference that another request for the same image started.
+    pub cache_coalesced: IntCounter,
+    /// Capacity of the memory tier in force, in entries.
+    pub cache_memory_capacity: IntGauge,
+    cache_pressure: IntCounterVec,
     model_info: IntGaugeVec,
     /// Generation of the tuning in force.
     pub tuning_generation: IntGauge,
@@ -80,6 +91,10 @@ pub struct Metrics {
     /// Trailing windows for the SLA report.
     pub windows: Windows,
 }
+
+/// Cache lookup buckets from 10 µs to 0.5 s.
+const CACHE_BUCKETS: &[f64] =
+    &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
 
 /// Latency buckets from 0.5 ms to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -116,6 +131,41 @@ impl Metrics {
             Opts::new("inferpool_cache_requests_total", "Embedding cache lookups, by tier and result."),
             &["tier", "result"],
         )?;
+        let cache_entries =
+            IntGaugeVec::new(Opts::new("inferpool_cache_entries", "Entries held, by cache tier."), &["tier"])?;
+        let cache_bytes = IntGaugeVec::new(
+            Opts::new("inferpool_cache_bytes", "Bytes held, by cache tier (disk: blocks on disk, metadata included)."),
+            &["tier"],
+        )?;
+        let cache_errors = IntCounterVec::new(
+            Opts::new(
+                "inferpool_cache_errors_total",
+                "Cache failures, by tier and kind; requests never fail for them.",
+            ),
+            &["tier", "kind"],
+        )?;
+        let cache_lookup = HistogramVec::new(
+            HistogramOpts::new("inferpool_cache_lookup_duration_seconds", "Time one cache lookup took, by tier.")
+                .buckets(CACHE_BUCKETS.to_vec()),
+            &["tier"],
+        )?;
+        let cache_circuit = IntGaugeVec::new(
+            Opts::new(
+                "inferpool_cache_circuit_state",
+                "Circuit breaker of a remote cache tier: 0 closed (in use), 1 open (skipped), 2 half-open (probing).",
+            ),
+            &["tier"],
+        )?;
+        let cache_coalesced = IntCounter::new(
+            "inferpool_cache_coalesced_total",
+            "Requests answered by an inference another request for the same image had started.",
+        )?;
+        let cache_memory_capacity =
+            IntGauge::new("inferpool_cache_memory_capacity_entries", "Capacity of the memory cache tier in force.")?;
+        let cache_pressure = IntCounterVec::new(
+            Opts::new("inferpool_cache_pressure_actions_total", "Memory-pressure actions on the memory tier."),
+            &["action"],
+        )?;
         let model_info = IntGaugeVec::new(
             Opts::new("inferpool_model_info", "The model served: always 1, with its name, variant and provider."),
             &["model", "variant", "provider"],
@@ -130,6 +180,14 @@ impl Metrics {
             Box::new(request_duration.clone()),
             Box::new(queue_depth.clone()),
             Box::new(cache_requests.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_errors.clone()),
+            Box::new(cache_lookup.clone()),
+            Box::new(cache_circuit.clone()),
+            Box::new(cache_coalesced.clone()),
+            Box::new(cache_memory_capacity.clone()),
+            Box::new(cache_pressure.clone()),
             Box::new(model_info.clone()),
             Box::new(tuning_generation.clone()),
             Box::new(tuning_max_batch.clone()),
@@ -147,6 +205,14 @@ impl Metrics {
             batch_size,
             queue_depth,
             cache_requests,
+            cache_entries,
+            cache_bytes,
+            cache_errors,
+            cache_lookup,
+            cache_circuit,
+            cache_coalesced,
+            cache_memory_capacity,
+            cache_pressure,
             model_info,
             tuning_generation,
             tuning_max_batch,
@@ -180,9 +246,50 @@ impl Metrics {
         self.windows.batch(Instant::now(), size, inference);
     }
 
-    /// A cache lookup in one tier.
-    pub fn cache(&self, tier: &'static str, hit: bool) {
-        self.cache_requests.with_label_values(&[tier, if hit { "hit" } else { "miss" }]).inc();
+    /// A lookup in one cache tier: `Some(hit)` when the tier answered, `None` when it was skipped
+    /// (circuit open) or failed.
+    pub fn cache_lookup(&self, tier: Tier, hit: Option<bool>, took: Duration) {
+        let result = match hit {
+            Some(true) => "hit",
+            Some(false) => "miss",
+            None => "skipped",
+        };
+        self.cache_requests.with_label_values(&[tier.as_str(), result]).inc();
+        if hit.is_some() {
+            self.cache_lookup.with_label_values(&[tier.as_str()]).observe(took.as_secs_f64());
+        }
+    }
+
+    /// The outcome of a whole cache lookup for one request, for the SLA windows: the tier that
+    /// answered, or `None` for a miss.
+    pub fn cache_outcome(&self, answered_by: Option<Tier>) {
+        self.windows.cache_lookup(Instant::now(), answered_by);
+    }
+
+    /// A failure in one cache tier.
+    pub fn cache_error(&self, tier: Tier, kind: ErrorKind) {
+        self.cache_errors.with_label_values(&[tier.as_str(), kind.as_str()]).inc();
+    }
+
+    /// Failures counted so far in one tier and kind.
+    pub fn cache_errors(&self, tier: Tier, kind: ErrorKind) -> u64 {
+        self.cache_errors.with_label_values(&[tier.as_str(), kind.as_str()]).get()
+    }
+
+    /// What one tier holds now.
+    pub fn cache_size(&self, tier: Tier, entries: u64, bytes: u64) {
+        self.cache_entries.with_label_values(&[tier.as_str()]).set(entries as i64);
+        self.cache_bytes.with_label_values(&[tier.as_str()]).set(bytes as i64);
+    }
+
+    /// The circuit-breaker state of a remote tier (0 closed, 1 open, 2 half-open).
+    pub fn cache_circuit(&self, tier: Tier, state: i64) {
+        self.cache_circuit.with_label_values(&[tier.as_str()]).set(state);
+    }
+
+    /// A memory-pressure action (`shrink` or `clear`).
+    pub fn cache_pressure(&self, action: &'static str) {
+        self.cache_pressure.with_label_values(&[action]).inc();
     }
 
     /// Records which model, variant and provider are served.

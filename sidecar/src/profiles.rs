@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::matcher;
 
+pub mod sync;
+
 /// Most references one profile may hold.
 pub const MAX_REFERENCES: usize = 10_000;
 /// Longest profile id, in bytes.
@@ -214,6 +216,36 @@ impl ProfileStore {
         Ok(())
     }
 
+    /// Stores a profile as another replica wrote it (shared through Redis), on disk first.
+    /// Returns false when the local copy is already the same. The profile is checked like a local
+    /// write: a malformed one is refused and the local state is left as it is.
+    pub fn adopt(&self, mut profile: Profile) -> Result<bool, ProfileError> {
+        check_id(&profile.id)?;
+        profile.stale = profile.is_stale(&self.model);
+        if !profile.stale && profile.references.iter().any(|r| r.embedding.len() != self.dim) {
+            return Err(ProfileError::Invalid(format!(
+                "profile {:?}: embeddings are not {} long",
+                profile.id, self.dim
+            )));
+        }
+        let _write = self.write_lock(&profile.id);
+        if self.read().get(&profile.id).is_some_and(|p| same(p, &profile)) {
+            return Ok(false);
+        }
+        self.write_file(&profile)?;
+        self.profiles.write().unwrap_or_else(PoisonError::into_inner).insert(profile.id.clone(), Arc::new(profile));
+        Ok(true)
+    }
+
+    /// Deletes a profile if it exists; returns whether it did.
+    pub fn forget(&self, id: &str) -> Result<bool, ProfileError> {
+        match self.delete(id) {
+            Ok(()) => Ok(true),
+            Err(ProfileError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every profile, stale ones included, for scans and listings.
     pub fn all(&self) -> Vec<Arc<Profile>> {
         self.read().values().cloned().collect()
@@ -272,6 +304,12 @@ impl std::fmt::Debug for ProfileStore {
             .field("profiles", &profiles)
             .finish()
     }
+}
+
+/// Whether two profiles hold the same content (the stale flag is derived, not content).
+fn same(a: &Profile, b: &Profile) -> bool {
+    (a.version, a.updated_at, &a.model, a.threshold, &a.references)
+        == (b.version, b.updated_at, &b.model, b.threshold, &b.references)
 }
 
 /// Checks a profile id: 1..=128 characters of `[A-Za-z0-9._-]`, not starting with '.', so it is

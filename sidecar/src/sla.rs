@@ -8,7 +8,9 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use inferpool_crds::{LatencyQuantiles, WindowReport};
+use inferpool_crds::{LatencyQuantiles, TierHitRates, WindowReport};
+
+use crate::cache::Tier;
 
 /// Longest window kept, in seconds.
 pub const MAX_WINDOW: u64 = 60;
@@ -66,7 +68,8 @@ struct Bucket {
     batches: u64,
     batch_images: u64,
     cache_lookups: u64,
-    cache_hits: u64,
+    /// Hits by tier: memory, disk, redis.
+    cache_hits: [u64; 3],
 }
 
 impl Bucket {
@@ -81,7 +84,7 @@ impl Bucket {
             batches: 0,
             batch_images: 0,
             cache_lookups: 0,
-            cache_hits: 0,
+            cache_hits: [0; 3],
         }
     }
 
@@ -94,7 +97,7 @@ impl Bucket {
         self.batches += b.batches;
         self.batch_images += b.batch_images;
         self.cache_lookups += b.cache_lookups;
-        self.cache_hits += b.cache_hits;
+        self.cache_hits.iter_mut().zip(b.cache_hits).for_each(|(a, b)| *a += b);
     }
 }
 
@@ -149,11 +152,13 @@ impl Windows {
         });
     }
 
-    /// A cache lookup and whether any tier answered it.
-    pub fn cache_lookup(&self, at: Instant, hit: bool) {
+    /// A cache lookup and the tier that answered it (`None`: a miss).
+    pub fn cache_lookup(&self, at: Instant, answered_by: Option<Tier>) {
         self.with_bucket(at, |b| {
             b.cache_lookups += 1;
-            b.cache_hits += u64::from(hit);
+            if let Some(tier) = answered_by {
+                b.cache_hits[tier_index(tier)] += 1;
+            }
         });
     }
 
@@ -188,8 +193,21 @@ impl Windows {
             batches: sum.batches,
             mean_batch_size: ratio(sum.batch_images, sum.batches),
             cache_lookups: sum.cache_lookups,
-            cache_hit_rate: ratio(sum.cache_hits, sum.cache_lookups),
+            cache_hit_rate: ratio(sum.cache_hits.iter().sum(), sum.cache_lookups),
+            cache_hit_rate_by_tier: TierHitRates {
+                memory: ratio(sum.cache_hits[0], sum.cache_lookups),
+                disk: ratio(sum.cache_hits[1], sum.cache_lookups),
+                redis: ratio(sum.cache_hits[2], sum.cache_lookups),
+            },
         }
+    }
+}
+
+fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::Memory => 0,
+        Tier::Disk => 1,
+        Tier::Redis => 2,
     }
 }
 
@@ -222,12 +240,15 @@ mod tests {
         w.request(at(30), MS, true);
         w.batch(at(30), 4, MS);
         w.batch(at(31), 2, MS);
-        w.cache_lookup(at(31), true);
-        w.cache_lookup(at(31), false);
+        w.cache_lookup(at(31), Some(Tier::Disk));
+        w.cache_lookup(at(31), None);
+        w.cache_lookup(at(31), Some(Tier::Memory));
+        w.cache_lookup(at(31), None);
         let short = w.report(at(35), 10);
         assert_eq!((short.requests, short.errors, short.batches), (1, 1, 2));
         assert_eq!(short.mean_batch_size, 3.0);
         assert_eq!(short.cache_hit_rate, 0.5);
+        assert_eq!(short.cache_hit_rate_by_tier, TierHitRates { memory: 0.25, disk: 0.25, redis: 0.0 });
         assert_eq!(short.rps, 0.1);
         assert_eq!(w.report(at(35), 60).requests, 2);
         // 60 s later the ring slot of second 0 is reused by second 60 and the old count is gone.

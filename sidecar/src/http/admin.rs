@@ -29,7 +29,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
         ("/metrics", Method::GET) => (Route::Metrics, Ok(metrics_text(app))),
         ("/api/v1/tuning", Method::GET) => (Route::Tuning, Ok(json(StatusCode::OK, &current(app)))),
         ("/api/v1/tuning", Method::PUT) => (Route::Tuning, put_tuning(app, req).await),
-        ("/live" | "/ready" | "/metrics" | "/api/v1/tuning", m) => {
+        ("/api/v1/cache", Method::GET) => (Route::Tuning, Ok(json(StatusCode::OK, &app.cache.stats()))),
+        ("/api/v1/cache", Method::DELETE) => (Route::Tuning, clear_cache(app, req).await),
+        ("/live" | "/ready" | "/metrics" | "/api/v1/tuning" | "/api/v1/cache", m) => {
             (Route::Unknown, Err(ApiError::MethodNotAllowed(m.to_string())))
         }
         _ => (Route::Unknown, Err(ApiError::NotFound(path))),
@@ -65,13 +67,37 @@ async fn put_tuning(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
     })?;
     let batcher = app.batcher_any().ok_or(ApiError::NotReady)?;
     batcher.set_tuning(tuning)?;
+    if let Some(entries) = tuning.cache_entries {
+        app.cache.set_memory_target(entries);
+    }
     tracing::info!(
         generation = tuning.generation,
         max_batch = tuning.max_batch_size,
         max_delay_ms = tuning.max_delay_ms,
+        cache_entries = tuning.cache_entries,
         "tuning applied"
     );
     Ok(json(StatusCode::OK, &batcher.tuning()))
+}
+
+/// `DELETE /api/v1/cache?tier=memory|disk|all`: empties the memory tier, or memory and disk.
+/// Redis is shared by the pool and is left to its TTL.
+async fn clear_cache(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    authorize(app, &req)?;
+    let tier = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("tier="))).unwrap_or("memory");
+    let disk_too = match tier {
+        "memory" => false,
+        "disk" | "all" => true,
+        other => {
+            return Err(ApiError::BadQuery {
+                name: "tier",
+                message: format!("{other:?}: expected memory, disk or all"),
+            });
+        }
+    };
+    let (memory, disk) = app.cache.clear(disk_too).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    tracing::info!(memory, disk, "cache cleared");
+    Ok(json(StatusCode::OK, &json!({"cleared": {"memory": memory, "disk": disk}})))
 }
 
 #[cfg(test)]

@@ -16,10 +16,11 @@ use serde_json::json;
 
 use super::{ApiError, Resp, Routed, blocking, json, read_body, text};
 use crate::app::App;
-use crate::batcher::{Embedded, Priority};
+use crate::batcher::{BatchError, Embedded, Priority};
+use crate::cache::coalesce::{Role, follow};
 use crate::matcher;
 use crate::metrics::Route;
-use crate::profiles::Profile;
+use crate::profiles::{Profile, ProfileError};
 use crate::report;
 
 /// Shortest deadline a profile upload gets: it may embed many images.
@@ -35,8 +36,8 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
         let id = id.to_owned();
         let result = match method {
             Method::PUT => put_profile(app, &id, req).await,
-            Method::GET => get_profile(app, &id, req.uri().query()),
-            Method::DELETE => delete_profile(app, &id),
+            Method::GET => get_profile(app, &id, req.uri().query()).await,
+            Method::DELETE => delete_profile(app, &id).await,
             m => Err(ApiError::MethodNotAllowed(m.to_string())),
         };
         return (Route::Profiles, result);
@@ -75,14 +76,40 @@ pub fn readiness(app: &App) -> Result<Resp, ApiError> {
 
 /// Prometheus text exposition.
 pub fn metrics_text(app: &App) -> Resp {
+    app.cache.refresh_gauges();
     text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.encode())
 }
 
-/// Priority and deadline of a request, from its headers.
+/// Priority, deadline and cache use of a request, from its headers.
 #[derive(Clone, Copy)]
 struct RequestOptions {
     priority: Priority,
     deadline: Instant,
+    cache: CacheMode,
+}
+
+/// How a request may use the cache (`Cache-Control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheMode {
+    /// Look up, and store what is computed.
+    Use,
+    /// `no-cache`: compute afresh and refresh the stored entry.
+    Refresh,
+    /// `no-store`: compute afresh and store nothing.
+    Bypass,
+}
+
+/// Reads `Cache-Control` request directives; `no-store` wins over `no-cache`, others are ignored
+/// (as HTTP caches do with directives they do not implement).
+fn cache_mode(value: Option<&str>) -> CacheMode {
+    let directives = value.unwrap_or("").split(',').map(|d| d.trim().to_ascii_lowercase()).collect::<Vec<_>>();
+    if directives.iter().any(|d| d == "no-store") {
+        CacheMode::Bypass
+    } else if directives.iter().any(|d| d == "no-cache" || d == "max-age=0") {
+        CacheMode::Refresh
+    } else {
+        CacheMode::Use
+    }
 }
 
 fn request_options(app: &App, headers: &HeaderMap, min_deadline: Duration) -> Result<RequestOptions, ApiError> {
@@ -114,9 +141,10 @@ fn request_options(app: &App, headers: &HeaderMap, min_deadline: Duration) -> Re
     };
     let deadline = arrived + budget;
     if budget.is_zero() {
-        return Err(crate::batcher::BatchError::DeadlineExceeded.into());
+        return Err(BatchError::DeadlineExceeded.into());
     }
-    Ok(RequestOptions { priority, deadline })
+    let cache = cache_mode(header("cache-control")?);
+    Ok(RequestOptions { priority, deadline, cache })
 }
 
 /// Refuses a body whose Content-Type starts with none of `accepted` (an absent one is accepted:
@@ -131,14 +159,91 @@ fn require_content_type(headers: &HeaderMap, accepted: &[&str], want: &'static s
     }
 }
 
+/// An embedding and how it was obtained.
+struct Outcome {
+    embedding: Arc<[f32]>,
+    /// `memory`, `disk`, `redis` (a hit), `miss`, `coalesced`, `refresh` or `bypass`.
+    cache: &'static str,
+    queue_wait: Duration,
+    inference: Duration,
+}
+
+impl Outcome {
+    fn computed(e: Embedded, cache: &'static str) -> Self {
+        Outcome { embedding: Arc::from(e.embedding), cache, queue_wait: e.queue_wait, inference: e.inference }
+    }
+
+    fn cached(embedding: Arc<[f32]>, cache: &'static str) -> Self {
+        Outcome { embedding, cache, queue_wait: Duration::ZERO, inference: Duration::ZERO }
+    }
+}
+
+/// The embedding of an image: from the cache when allowed and present, else from the model, with
+/// identical concurrent requests sharing one inference and the result stored in every tier.
+async fn embed_image(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Result<Outcome, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::EmptyBody);
+    }
+    let key = app.cache_key(&bytes).filter(|_| app.is_ready()).ok_or(ApiError::NotReady)?;
+    match opts.cache {
+        CacheMode::Bypass => return Ok(Outcome::computed(embed_bytes(app, bytes, opts).await?, "bypass")),
+        CacheMode::Refresh => {
+            let out = Outcome::computed(embed_bytes(app, bytes, opts).await?, "refresh");
+            app.cache.store(key, Arc::clone(&out.embedding));
+            return Ok(out);
+        }
+        CacheMode::Use => {}
+    }
+    if let Some(hit) = app.cache.lookup(&key).await {
+        app.metrics.cache_outcome(Some(hit.tier));
+        return Ok(Outcome::cached(hit.value, hit.tier.as_str()));
+    }
+    app.metrics.cache_outcome(None);
+    loop {
+        match app.inflight.join(key) {
+            Role::Leader(leader) => {
+                // Another leader may have finished between the lookup and now.
+                if let Some(value) = app.cache.memory().get(&key) {
+                    leader.finish(Ok(Arc::clone(&value)));
+                    return Ok(Outcome::cached(value, "coalesced"));
+                }
+                return match embed_bytes(app, bytes, opts).await {
+                    Ok(e) => {
+                        let out = Outcome::computed(e, "miss");
+                        app.cache.store(key, Arc::clone(&out.embedding));
+                        leader.finish(Ok(Arc::clone(&out.embedding)));
+                        Ok(out)
+                    }
+                    // This request's own deadline passed; followers may have longer ones, so they
+                    // take over rather than share the timeout.
+                    Err(e @ ApiError::Batch(BatchError::DeadlineExceeded)) => Err(e),
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        leader.finish(Err(Arc::clone(&e)));
+                        Err(ApiError::Shared(e))
+                    }
+                };
+            }
+            Role::Follower(rx) => {
+                let waited = tokio::time::timeout_at(opts.deadline.into(), follow(rx)).await;
+                match waited.map_err(|_| BatchError::DeadlineExceeded)? {
+                    Some(Ok(value)) => {
+                        app.metrics.cache_coalesced.inc();
+                        return Ok(Outcome::cached(value, "coalesced"));
+                    }
+                    Some(Err(e)) => return Err(ApiError::Shared(e)),
+                    None => continue,
+                }
+            }
+        }
+    }
+}
+
 /// Admits the request, decodes and normalises the image on the blocking pool (at most one image
 /// per CPU at a time), then queues it for inference. Admission comes first so that a request
 /// refused for load costs no decoding.
 async fn embed_bytes(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Result<Embedded, ApiError> {
     let batcher = app.batcher().ok_or(ApiError::NotReady)?;
-    if bytes.is_empty() {
-        return Err(ApiError::EmptyBody);
-    }
     let slot = batcher.admit()?;
     let tensor = {
         let _decoding = app.decoders.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -149,7 +254,7 @@ async fn embed_bytes(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Res
 }
 
 /// Checks headers, reads the image body and embeds it.
-async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Embedded, Instant), ApiError> {
+async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Outcome, Instant), ApiError> {
     let started = Instant::now();
     if !app.is_ready() {
         return Err(ApiError::NotReady);
@@ -158,7 +263,7 @@ async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Embedd
     require_content_type(req.headers(), &["image/", "application/octet-stream"], image)?;
     let opts = request_options(app, req.headers(), Duration::ZERO)?;
     let body = read_body(req, app.config.max_body_bytes).await?;
-    Ok((embed_bytes(app, body, &opts).await?, started))
+    Ok((embed_image(app, body, &opts).await?, started))
 }
 
 /// An f32 as the f64 with the same shortest decimal form (0.6, not 0.6000000238418579).
@@ -175,10 +280,10 @@ async fn embed(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError>
     Ok(json(
         StatusCode::OK,
         &json!({
-            "embedding": e.embedding,
+            "embedding": &*e.embedding,
             "dim": e.embedding.len(),
             "model": app.card.card.name,
-            "cache": "miss",
+            "cache": e.cache,
             "timing_ms": {"queue": ms(e.queue_wait), "inference": ms(e.inference), "total": ms(started.elapsed())},
         }),
     ))
@@ -189,9 +294,22 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// A profile by id; one this replica has not seen yet is looked for among the pool's shared ones.
+async fn find_profile(app: &App, id: &str) -> Result<Arc<Profile>, ApiError> {
+    match (app.profiles.get(id), &app.profile_sync) {
+        (Err(ProfileError::NotFound(_)), Some(sync)) => {
+            if let Err(e) = sync.pull().await {
+                tracing::debug!(error = %e, "shared profiles unavailable");
+            }
+            Ok(app.profiles.get(id)?)
+        }
+        (found, _) => Ok(found?),
+    }
+}
+
 /// A profile that may be matched against: it exists and was made by the model now served.
-fn usable_profile(app: &App, id: &str) -> Result<Arc<Profile>, ApiError> {
-    let profile = app.profiles.get(id)?;
+async fn usable_profile(app: &App, id: &str) -> Result<Arc<Profile>, ApiError> {
+    let profile = find_profile(app, id).await?;
     if profile.is_stale(&app.fingerprint) {
         return Err(ApiError::StaleProfile(id.to_owned()));
     }
@@ -212,9 +330,9 @@ async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, A
         .filter(|id| !id.is_empty())
         .ok_or(ApiError::BadQuery { name: "profile", message: "required: POST /api/v1/match?profile=<id>".into() })?
         .to_owned();
-    let profile = usable_profile(app, &id)?;
+    let profile = usable_profile(app, &id).await?;
     let (e, started) = embed_request(app, req).await?;
-    let query = unit(e.embedding)?;
+    let query = unit(e.embedding.to_vec())?;
     let threshold = profile.threshold.unwrap_or(app.card.card.match_threshold);
     let (reference, score) = profile.best_match(&query).map_or((None, -1.0), |(r, s)| (Some(r.to_owned()), s));
     Ok(json(
@@ -225,7 +343,7 @@ async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, A
             "score": num(score),
             "reference": reference,
             "threshold": num(threshold),
-            "cache": "miss",
+            "cache": e.cache,
             "latency_ms": ms(started.elapsed()),
         }),
     ))
@@ -239,7 +357,7 @@ async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> 
         })?,
     };
     let (e, started) = embed_request(app, req).await?;
-    let query = unit(e.embedding)?;
+    let query = unit(e.embedding.to_vec())?;
     let default_threshold = app.card.card.match_threshold;
     let profiles = app.profiles.all();
     let mut matches: Vec<_> = profiles
@@ -263,7 +381,7 @@ async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> 
         &json!({
             "matches": matches.into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
             "profiles_checked": profiles.len(),
-            "cache": "miss",
+            "cache": e.cache,
             "latency_ms": ms(started.elapsed()),
         }),
     ))
@@ -319,13 +437,13 @@ async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result
     for (i, (_, source)) in pending.iter().enumerate() {
         if let Source::Image(bytes) = source {
             let (app, bytes) = (Arc::clone(app), bytes.clone());
-            tasks.spawn(async move { (i, embed_bytes(&app, bytes, &opts).await) });
+            tasks.spawn(async move { (i, embed_image(&app, bytes, &opts).await) });
         }
     }
     let mut embedded = vec![None; pending.len()];
     while let Some(joined) = tasks.join_next().await {
         let (i, result) = joined.map_err(|e| ApiError::Internal(e.to_string()))?;
-        embedded[i] = Some(result.map_err(|e| ApiError::InReference(i, Box::new(e)))?.embedding);
+        embedded[i] = Some(result.map_err(|e| ApiError::InReference(i, Box::new(e)))?.embedding.to_vec());
     }
     let refs = pending
         .into_iter()
@@ -341,8 +459,19 @@ async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result
         move || app.profiles.put(&id, threshold, refs)
     })
     .await??;
+    let shared = match &app.profile_sync {
+        None => false,
+        Some(sync) => sync
+            .publish(&profile)
+            .await
+            .inspect_err(|e| tracing::warn!(id, error = %e, "profile kept locally only; published on the next sync"))
+            .is_ok(),
+    };
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(json(status, &json!({"id": profile.id, "references": profile.references.len(), "version": profile.version})))
+    Ok(json(
+        status,
+        &json!({"id": profile.id, "references": profile.references.len(), "version": profile.version, "shared": shared}),
+    ))
 }
 
 enum Source {
@@ -359,8 +488,8 @@ pub fn json_error(e: serde_json::Error) -> ApiError {
     }
 }
 
-fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
-    let p = app.profiles.get(id)?;
+async fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
+    let p = find_profile(app, id).await?;
     let with_embeddings = query_param(query, "include") == Some("embeddings");
     let references: Vec<_> = p
         .references
@@ -381,7 +510,16 @@ fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiErro
     ))
 }
 
-fn delete_profile(app: &App, id: &str) -> Result<Resp, ApiError> {
-    app.profiles.delete(id)?;
+async fn delete_profile(app: &App, id: &str) -> Result<Resp, ApiError> {
+    crate::profiles::check_id(id)?;
+    find_profile(app, id).await?;
+    let store = Arc::clone(&app.profiles);
+    let owned = id.to_owned();
+    blocking(move || store.delete(&owned)).await??;
+    if let Some(sync) = &app.profile_sync
+        && let Err(e) = sync.publish_delete(id).await
+    {
+        tracing::warn!(id, error = %e, "profile deleted locally only; other replicas keep it until Redis is back");
+    }
     Ok(json(StatusCode::OK, &json!({"id": id, "deleted": true})))
 }

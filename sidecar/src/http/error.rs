@@ -93,6 +93,9 @@ pub enum ApiError {
     /// Something that should not fail did.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The error of another request's inference that this one shared (coalescing).
+    #[error(transparent)]
+    Shared(std::sync::Arc<ApiError>),
 }
 
 impl ApiError {
@@ -136,6 +139,7 @@ impl ApiError {
             },
             ApiError::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Shared(inner) => inner.status_code(),
         }
     }
 }
