@@ -47,6 +47,7 @@ async fn every_route_answers_its_happy_path() {
     );
     assert!(m["score"].as_f64().unwrap() > 0.999, "{m}");
     assert_eq!(m["threshold"], 0.6);
+    assert_eq!(m["cache"], "memory", "chelsea was embedded before");
 
     let sc = post_image(&s.url("/api/v1/scan?top_k=3"), &photo("coffee.png")).await.json();
     assert_eq!(sc["matches"][0]["profile"], "cats");
@@ -76,7 +77,8 @@ async fn every_route_answers_its_happy_path() {
     assert_eq!(perf["windows"][1]["requests"], 7);
     let ai = get(&s.url("/api/v1/metrics/ai-inference")).await.json();
     assert_eq!((ai["provider"].as_str(), ai["embeddingDim"].as_u64()), (Some("cpu"), Some(1280)));
-    assert_eq!(ai["imagesEmbeddedTotal"], 6);
+    // Two distinct images (chelsea, coffee): every repeat was answered by the cache.
+    assert_eq!(ai["imagesEmbeddedTotal"], 2);
 
     let r = send(Method::DELETE, &url, &[], vec![]).await;
     assert_eq!(r.status, StatusCode::OK);

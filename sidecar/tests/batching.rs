@@ -9,13 +9,19 @@ use common::*;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
+/// Embeds an image through the model: these tests send one image many times, and the cache
+/// would otherwise answer (or coalesce) the repeats.
+async fn post_model(url: &str, image: &[u8]) -> Reply {
+    send(Method::POST, url, &[("content-type", "image/jpeg"), ("cache-control", "no-store")], image.to_vec()).await
+}
+
 /// Sends `n` embed requests at once and returns their replies.
 async fn burst(s: &Server, n: usize, image: &[u8]) -> Vec<Reply> {
     let url = s.url("/api/v1/embed");
     let tasks: Vec<_> = (0..n)
         .map(|_| {
             let (url, image) = (url.clone(), image.to_vec());
-            tokio::spawn(async move { post_image(&url, &image).await })
+            tokio::spawn(async move { post_model(&url, &image).await })
         })
         .collect();
     let mut replies = Vec::new();
@@ -37,7 +43,7 @@ async fn hold(s: &Server, n: usize, image: &[u8]) -> Vec<tokio::task::JoinHandle
     let waiting = (0..n)
         .map(|_| {
             let (url, image) = (s.url("/api/v1/embed"), image.to_vec());
-            let headers = [("content-type", "image/jpeg"), ("x-deadline-ms", "20000")];
+            let headers = [("content-type", "image/jpeg"), ("x-deadline-ms", "20000"), ("cache-control", "no-store")];
             tokio::spawn(async move { send(Method::POST, &url, &headers, image).await })
         })
         .collect();
@@ -96,12 +102,12 @@ async fn concurrent_requests_share_batches_and_tuning_changes_that_live() {
 async fn a_lone_request_waits_for_max_delay_and_no_longer() {
     let s = Server::start(&["--max-batch", "64", "--max-delay-ms", "300"]).await;
     let image = photo("rocket.jpg");
-    let e = post_image(&s.url("/api/v1/embed"), &image).await.json();
+    let e = post_model(&s.url("/api/v1/embed"), &image).await.json();
     let queue = e["timing_ms"]["queue"].as_f64().unwrap();
     assert!((300.0..2000.0).contains(&queue), "queued {queue} ms with max delay 300 ms");
 
     push_tuning(&s, json!({"generation": 2, "maxBatchSize": 64, "maxDelayMs": 0})).await;
-    let e = post_image(&s.url("/api/v1/embed"), &image).await.json();
+    let e = post_model(&s.url("/api/v1/embed"), &image).await.json();
     let queue = e["timing_ms"]["queue"].as_f64().unwrap();
     assert!(queue < 300.0, "queued {queue} ms with max delay 0");
     s.stop().await;
@@ -116,14 +122,14 @@ async fn full_queue_answers_429_and_expired_requests_504() {
     let r = send(
         Method::POST,
         &s.url("/api/v1/embed"),
-        &[("content-type", "image/jpeg"), ("x-deadline-ms", "200")],
+        &[("content-type", "image/jpeg"), ("x-deadline-ms", "200"), ("cache-control", "no-store")],
         image.clone(),
     )
     .await;
     assert_eq!((r.status, r.code().as_str()), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"));
 
     let waiting = hold(&s, 2, &image).await;
-    let r = post_image(&s.url("/api/v1/embed"), &image).await;
+    let r = post_model(&s.url("/api/v1/embed"), &image).await;
     assert_eq!((r.status, r.code().as_str()), (StatusCode::TOO_MANY_REQUESTS, "queue_full"));
     assert_eq!(r.headers.get("retry-after").unwrap(), "1");
 

@@ -2,6 +2,8 @@
 //! photos that `make setup` installs (scikit-image's bundled images in the venv).
 #![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod redis;
+
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
