@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run test lint fmt bench bench-sidecar model clean-model
+.PHONY: setup run test lint fmt bench bench-sidecar bench-cache model clean-model
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -27,10 +27,14 @@ fmt:
 	$(CARGO) fmt --all
 
 ## bench: benchmarks; reports go to docs/benchmarks/
-bench: bench-sidecar
+bench: bench-sidecar bench-cache
 
 bench-sidecar: setup
 	scripts/bench-sidecar.sh
+
+## bench-cache: cache-miss vs memory, disk and Redis hits; report in docs/benchmarks/cache.md
+bench-cache: setup
+	scripts/bench-cache.sh
 
 ## model: regenerate the default model's variants (after changing convert.py)
 model: setup

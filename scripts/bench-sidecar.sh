@@ -42,23 +42,7 @@ if [ "$hard" = unlimited ] || [ "$hard" -ge 65536 ]; then ulimit -n 65536; else 
 [ -x "$py" ] || die "$py is missing; run \`make setup\`"
 
 # --- tools and inputs ---------------------------------------------------------------------------
-if [ ! -x "$oha" ]; then
-  log "installing oha into .cache/tools (once; a slow compile)"
-  timeout 3600 cargo install oha --locked --root .cache/tools
-fi
-
-mkdir -p .cache/bench
-if [ ! -s "$image" ]; then
-  log "making $image from scikit-image's astronaut.png (JPEG quality 90)"
-  "$py" - "$image" <<'PY'
-import sys
-from pathlib import Path
-import skimage
-from PIL import Image
-src = Path(skimage.__file__).parent / "data" / "astronaut.png"
-Image.open(src).convert("RGB").save(sys.argv[1], quality=90)
-PY
-fi
+. scripts/bench-common.sh
 
 log "building the release sidecar and engine_bench"
 timeout 3600 cargo build --release -p inferpool-sidecar --bins --example engine_bench
@@ -67,10 +51,6 @@ run_dir=.cache/bench/run-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$run_dir"
 log "raw results go to $run_dir"
 
-# Machine-wide CPU time in USER_HZ ticks: "busy total" from the first line of /proc/stat.
-machine_ticks() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
-# User + system CPU ticks of one process.
-proc_ticks() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat"; }
 
 cat /proc/loadavg >"$run_dir/loadavg-start"
 {
@@ -98,13 +78,7 @@ admin=http://127.0.0.1:$admin_port
 data_dir=$(mktemp -d)
 sidecar_pid=
 stop_sidecar() {
-  if [ -n "$sidecar_pid" ] && kill -0 "$sidecar_pid" 2>/dev/null; then
-    kill -TERM "$sidecar_pid" 2>/dev/null || true
-    # The sidecar drains for at most its grace period (5 s here).
-    for _ in $(seq 100); do kill -0 "$sidecar_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$sidecar_pid" 2>/dev/null || true
-    wait "$sidecar_pid" 2>/dev/null || true
-  fi
+  stop_process "$sidecar_pid"
   sidecar_pid=
   rm -rf "$data_dir"
 }
@@ -124,11 +98,13 @@ done
 curl -fsS -o /dev/null "$api/readyz" || die "the sidecar was not ready within 120 s; see $run_dir/sidecar.log"
 # For a listening socket ss shows the accept backlog in the Send-Q column.
 ss -Hltn "sport = :$port" >"$run_dir/listen-socket" 2>/dev/null || true
-curl -fsS -o "$run_dir/embed-sample.json" -H 'Content-Type: image/jpeg' -H 'Cache-Control: no-cache' \
+# `no-store` on every request: the model runs each time and nothing is written to the cache tiers,
+# so this measures inference, not the cache (scripts/bench-cache.sh measures that).
+curl -fsS -o "$run_dir/embed-sample.json" -H 'Content-Type: image/jpeg' -H 'Cache-Control: no-store' \
   --data-binary "@$image" "$api/api/v1/embed" || die "a single embed request failed"
 
 oha_cmd=("$oha" --no-tui --output-format json --stats-success-breakdown --wait-ongoing-requests-after-deadline
-  -m POST -H 'Content-Type: image/jpeg' -H 'Cache-Control: no-cache' -D "$image")
+  -m POST -H 'Content-Type: image/jpeg' -H 'Cache-Control: no-store' -D "$image")
 oha_run() { # concurrency seconds output: one load level, its CPU time recorded in output.time
   /usr/bin/time -f '%e %U %S' -o "$3.time" timeout $(($2 + 120)) "${oha_cmd[@]}" -z "${2}s" -c "$1" \
     "$api/api/v1/embed" >"$3"

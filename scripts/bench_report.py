@@ -347,7 +347,7 @@ def markdown(results: dict) -> str:
     size = img.get("width_height") or ["?", "?"]
     w(f"- Image: `{meta['image']}`, {size[0]}x{size[1]} JPEG (quality 90) of {img['bytes']:,} bytes, "
       "from scikit-image's astronaut.png; every request sends it with `Content-Type: image/jpeg` and "
-      "`Cache-Control: no-cache`.")
+      "`Cache-Control: no-store` (the model runs every time and nothing is cached).")
     w(f"- HTTP: `POST /api/v1/embed` on 127.0.0.1, {meta['level_seconds']} s per level, keep-alive "
       "connections, requests still in flight at the end are waited for (oha "
       "`--wait-ongoing-requests-after-deadline`). Sidecar defaults otherwise: queue capacity 1024, "
@@ -586,9 +586,10 @@ def explain(results: dict) -> list[str]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path, help="run directory written by scripts/bench-sidecar.sh")
+def run_args(doc: str, script: str) -> tuple[Path, Path, dict]:
+    """Command line of a report: (run directory, output directory, the run's meta.json + load averages)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("run", type=Path, help=f"run directory written by {script}")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = ap.parse_args()
     run = args.run
@@ -596,6 +597,11 @@ def main() -> None:
     meta["loadavg_start"] = " ".join((run / "loadavg-start").read_text().split()[:3])
     end = run / "loadavg-end"
     meta["loadavg_end"] = " ".join(end.read_text().split()[:3]) if end.exists() else "?"
+    return run, args.out, meta
+
+
+def main() -> None:
+    run, out, meta = run_args(__doc__, "scripts/bench-sidecar.sh")
     log = run / "sidecar.log"
     if log.exists():
         meta["sidecar_warn_request_failed"] = sum(
@@ -628,10 +634,10 @@ def main() -> None:
         "saturation_met": saturation_met,
     }
     results = {"meta": meta, "machine": machine(), "engine": engine, "levels": levels, "summary": summary}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sidecar-results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "sidecar.svg").write_text(svg_plot(levels, raw))
-    (args.out / "sidecar.md").write_text(markdown(results))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sidecar-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "sidecar.svg").write_text(svg_plot(levels, raw))
+    (out / "sidecar.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":
