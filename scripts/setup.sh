@@ -3,7 +3,7 @@
 #   .cache/onnxruntime/   libonnxruntime.so* unpacked from the pinned `onnxruntime` wheel (PyPI)
 #   .cache/venv/          Python tools for the model scripts, reference checks and benchmarks
 #   models/effnet_lite0/  the default model's ONNX variants (generated, checked against card.json)
-# and installs redis-server from Debian when missing. Idempotent: each step is skipped when its
+# and installs redis-server and openssl from Debian when missing. Idempotent: each step is skipped when its
 # result is already there, so a rerun is fast and works offline once it has run once.
 set -euo pipefail
 
@@ -51,13 +51,17 @@ PY
   echo "$ORT_VERSION" >"$ort_dir/VERSION"
 fi
 
-# --- redis-server (Debian) ----------------------------------------------------------------------
-if ! command -v redis-server >/dev/null 2>&1; then
+# --- redis-server and openssl (Debian) ----------------------------------------------------------
+# The cache tests start their own redis-server; the TLS test makes its certificates with openssl.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    log "installing redis-server"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    log "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    log "warning: redis-server is not installed (apt-get install redis-server); Redis tests will fail"
+    log "warning: ${missing[*]} not installed (apt-get install ${missing[*]}); the cache tests will fail"
   fi
 fi
 
