@@ -79,6 +79,7 @@ async fn each_tier_answers_in_turn_with_the_same_embedding() {
     let data_a = tempfile::tempdir().unwrap();
     let flags = ["--redis-url", &redis.url()];
     let a = Server::start_in(data_a.path(), &flags).await;
+    connected(&a).await;
     let image = photo("astronaut.png");
 
     let (computed, source) = embed(&a, &image, &[]).await;
@@ -95,6 +96,7 @@ async fn each_tier_answers_in_turn_with_the_same_embedding() {
 
     // A second replica with its own disk shares Redis.
     let b = Server::start(&flags).await;
+    connected(&b).await;
     let (from_redis, source) = embed(&b, &image, &[]).await;
     assert_eq!((source.as_str(), &from_redis), ("redis", &computed));
     let (_, source) = embed(&b, &image, &[]).await;
@@ -193,9 +195,17 @@ async fn cache_admin_refuses_bad_requests() {
     s.stop().await;
 }
 
+/// Waits until the sidecar's Redis tier has connected (it connects in the background).
+async fn connected(s: &Server) {
+    let mut rx = s.app.cache.redis().unwrap().subscribe_connected();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| *c)).await.unwrap().unwrap();
+}
+
 /// A sidecar whose only cache tier is Redis, so every lookup reaches it.
 async fn redis_only(redis: &RedisServer) -> Server {
-    Server::start(&["--redis-url", &redis.url(), "--memory-entries", "0", "--disk-mb", "0"]).await
+    let s = Server::start(&["--redis-url", &redis.url(), "--memory-entries", "0", "--disk-mb", "0"]).await;
+    connected(&s).await;
+    s
 }
 
 #[tokio::test]
@@ -378,6 +388,8 @@ async fn profiles_are_shared_by_replicas_through_redis() {
     let mut redis = RedisServer::start();
     let flags = ["--redis-url", &redis.url()];
     let (a, b) = (Server::start(&flags).await, Server::start(&flags).await);
+    connected(&a).await;
+    connected(&b).await;
     let cat = photo("chelsea.png");
     let r = common::put_json(&a.url("/api/v1/profiles/cats"), &common::profile_body(&[("chelsea", &cat)])).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
