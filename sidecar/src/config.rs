@@ -194,6 +194,22 @@ pub struct ConfigError(pub Vec<String>);
 struct Check(Vec<String>);
 
 impl Check {
+    /// A secret given directly, or else read from a file (a mounted Secret); the trailing newline
+    /// that editors and `kubectl create secret --from-file` leave is dropped.
+    fn secret(&mut self, file_flag: &str, direct: Option<String>, file: Option<&std::path::Path>) -> Option<String> {
+        match (direct, file) {
+            (Some(v), _) => Some(v),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(v) => Some(v.trim_end_matches(['\r', '\n']).to_owned()),
+                Err(e) => {
+                    self.0.push(format!("--{file_flag} {}: {e}", path.display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
     fn parse<T: FromStr>(&mut self, flag: &str, value: &str, default: T) -> T
     where
         T::Err: std::fmt::Display,
@@ -259,17 +275,7 @@ impl Args {
         let max_pixels = c.range("max-pixels", &self.max_pixels, 1u64, 1 << 34);
         let shutdown_grace =
             Duration::from_secs(c.range("shutdown-grace-seconds", &self.shutdown_grace_seconds, 0u64, 3600));
-        let admin_token = match (self.admin_token, &self.admin_token_file) {
-            (Some(t), _) => Some(t),
-            (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(t) => Some(t.trim().to_owned()),
-                Err(e) => {
-                    c.0.push(format!("--admin-token-file {}: {e}", path.display()));
-                    None
-                }
-            },
-            (None, None) => None,
-        };
+        let admin_token = c.secret("admin-token-file", self.admin_token, self.admin_token_file.as_deref());
         if admin_token.as_deref().is_some_and(str::is_empty) {
             c.0.push("the admin token is empty".to_owned());
         }
@@ -279,17 +285,7 @@ impl Args {
         let encoding = c.parse("cache-encoding", &self.cache_encoding, Encoding::F32);
         let ttl = Duration::from_secs(c.range("redis-ttl-seconds", &self.redis_ttl_seconds, 1u64, 30 * 86_400));
         let timeout = Duration::from_millis(c.range("redis-timeout-ms", &self.redis_timeout_ms, 1u64, 10_000));
-        let redis_password = match (self.redis_password, &self.redis_password_file) {
-            (Some(p), _) => Some(p),
-            (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_owned()),
-                Err(e) => {
-                    c.0.push(format!("--redis-password-file {}: {e}", path.display()));
-                    None
-                }
-            },
-            (None, None) => None,
-        };
+        let redis_password = c.secret("redis-password-file", self.redis_password, self.redis_password_file.as_deref());
         let redis = self.redis_url.map(|url| {
             let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
             if !scheme_ok || url.len() <= "rediss://".len() {
@@ -420,5 +416,62 @@ mod tests {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }
         assert_eq!(err.0.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn cache_defaults_and_bad_cache_values() {
+        let model = source_root().unwrap().join("models/effnet_lite0/card.json");
+        let model = model.to_str().unwrap();
+        let cfg = parse(&["--model", model, "--data-dir", "/srv/data"]).unwrap();
+        assert_eq!(cfg.cache.memory_entries, 1000);
+        assert_eq!(cfg.cache.disk_bytes, 1024 << 20);
+        assert_eq!(cfg.cache.dir, PathBuf::from("/srv/data/cache"));
+        assert!(cfg.cache.redis.is_none());
+        assert_eq!(cfg.cache.encoding, Encoding::F32);
+
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let url = "redis://cache:6379/2";
+        let cfg =
+            parse(&["--model", model, "--redis-url", url, "--redis-password-file", secret.to_str().unwrap()]).unwrap();
+        let redis = cfg.cache.redis.unwrap();
+        assert_eq!(
+            (redis.password.as_deref(), redis.ttl, redis.timeout),
+            (Some("s3cret"), Duration::from_secs(3600), Duration::from_millis(20))
+        );
+
+        let err = parse(&[
+            "--model",
+            model,
+            "--memory-entries",
+            "2000000",
+            "--disk-mb",
+            "lots",
+            "--redis-url",
+            "http://cache:6379",
+            "--redis-password-file",
+            "/nonexistent/password",
+            "--redis-timeout-ms",
+            "0",
+            "--cache-encoding",
+            "f64",
+            "--memory-pressure-ratio",
+            "2",
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "--memory-entries",
+            "--disk-mb",
+            "--redis-url",
+            "/nonexistent/password",
+            "--redis-timeout-ms 0",
+            "f64",
+            "--memory-pressure-ratio 2",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+        assert_eq!(err.0.len(), 7, "{text}");
     }
 }
