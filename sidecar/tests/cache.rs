@@ -239,6 +239,8 @@ async fn a_redis_outage_fails_no_request_and_l3_comes_back_by_itself() {
             break;
         }
         s.app.cache.flush().await;
+        // The breaker only probes when a request comes after its cooldown, so requests are paced
+        // rather than awaited: no event says "Redis is usable again" before a probe has run.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(resumed, "L3 hits did not resume after Redis came back");
@@ -375,6 +377,7 @@ async fn memory_pressure_shrinks_then_clears_the_memory_tier() {
             cleared = true;
             break;
         }
+        // The guard checks once a second and publishes only through metrics: poll them.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(cleared, "memory pressure never cleared the cache");
