@@ -6,3 +6,4 @@
 //! garbage collection), so the operator talks to it through an ordinary kubeconfig without knowing.
 
 pub mod apiserver;
+pub mod kubelet;

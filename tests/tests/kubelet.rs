@@ -1,0 +1,96 @@
+//! The kubelet double keeps Pods and Deployment status true, seen through kube-rs.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use inferpool_tests::apiserver::ApiServer;
+use inferpool_tests::kubelet::Kubelet;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client, Config};
+use serde_json::json;
+
+async fn start() -> (ApiServer, Kubelet, Client) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = ApiServer::start(listener).unwrap();
+    let kubelet = Kubelet::start(std::sync::Arc::clone(&server.store));
+    let client = Client::try_from(Config::new(server.url().parse().unwrap())).unwrap();
+    (server, kubelet, client)
+}
+
+fn ready(n: i32) -> impl Fn(Option<&Deployment>) -> bool {
+    move |d| d.and_then(|d| d.status.as_ref()).is_some_and(|s| s.ready_replicas == Some(n) && s.replicas == Some(n))
+}
+
+async fn pods(api: &Api<Pod>) -> Vec<Pod> {
+    api.list(&ListParams::default().labels("app=model")).await.unwrap().items
+}
+
+#[tokio::test]
+async fn replicas_become_pods_with_distinct_ips_and_follow_the_deployment() {
+    let (_server, _kubelet, client) = start().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "pool");
+    let pod_api: Api<Pod> = Api::namespaced(client, "pool");
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "model"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "model"}},
+            "template": {"metadata": {"labels": {"app": "model"}}, "spec": {"containers": [{"name": "sidecar", "image": "x"}]}},
+        },
+    }))
+    .unwrap();
+    deployments.create(&PostParams::default(), &d).await.unwrap();
+    let wait =
+        |n| tokio::time::timeout(Duration::from_secs(10), await_condition(deployments.clone(), "model", ready(n)));
+    wait(2).await.unwrap().unwrap();
+    let first = pods(&pod_api).await;
+    assert_eq!(first.len(), 2);
+    let ips: BTreeSet<_> = first.iter().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
+    assert_eq!(ips.len(), 2, "pod IPs are distinct: {ips:?}");
+    assert!(ips.iter().all(|ip| ip.starts_with("127.0.0.") && ip != "127.0.0.1"));
+
+    deployments.patch("model", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    wait(3).await.unwrap().unwrap();
+    assert_eq!(pods(&pod_api).await.len(), 3);
+
+    // A deleted pod is replaced.
+    let victim = first[0].metadata.name.clone().unwrap();
+    pod_api.delete(&victim, &DeleteParams::default()).await.unwrap();
+    let replaced = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let now = pods(&pod_api).await;
+            if now.len() == 3 && now.iter().all(|p| p.metadata.name.as_deref() != Some(victim.as_str())) {
+                return now;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(replaced.len(), 3);
+
+    // A new template replaces every pod; the status reports the new generation.
+    let change = json!({"spec": {"template": {"metadata": {"annotations": {"restart": "1"}}}}});
+    deployments.patch("model", &PatchParams::default(), &Patch::Merge(change)).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        await_condition(deployments.clone(), "model", |d: Option<&Deployment>| {
+            d.and_then(|d| d.status.as_ref()).and_then(|s| s.observed_generation) == Some(3)
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let names_now: BTreeSet<_> = pods(&pod_api).await.into_iter().map(|p| p.metadata.name.unwrap()).collect();
+    assert!(
+        replaced.iter().all(|p| !names_now.contains(p.metadata.name.as_ref().unwrap())),
+        "old pods remain: {names_now:?}"
+    );
+
+    deployments.delete("model", &DeleteParams::default()).await.unwrap();
+    assert!(pods(&pod_api).await.is_empty(), "pods go with their deployment");
+}
