@@ -1,11 +1,16 @@
 //! A kubelet double: keeps one Pod per Deployment replica and Deployment status true.
 //!
 //! It works on the API server double's store directly (it is part of the same control plane).
-//! In `fake` mode a Pod is Running and Ready as soon as it exists, with its own loopback IP
-//! (127.0.0.2, 127.0.0.3, ...), so Pod IPs are distinct as in a cluster. A Deployment whose pod
-//! template changed gets its Pods replaced; Pods deleted by someone else come back; a deleted
-//! Deployment's Pods go with it (ownerReference garbage collection).
+//! Every Pod gets its own loopback IP (127.0.0.2, 127.0.0.3, ...), so Pod IPs are distinct as in
+//! a cluster. In [`Mode::Fake`] a Pod is Running and Ready as soon as it exists. In
+//! [`Mode::Process`] each Pod runs the real sidecar binary with its container's args and env,
+//! listening on the Pod's IP (`INFERPOOL_LISTEN` / `INFERPOOL_ADMIN_LISTEN` are set to the pod IP
+//! and the container's `http` / `admin` ports), and becomes Ready when the sidecar's `/readyz`
+//! answers 200; deleting the Pod kills its process. A Deployment whose pod template changed gets
+//! its Pods replaced; Pods deleted by someone else come back; a deleted Deployment's Pods go with
+//! it (ownerReference garbage collection).
 
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
@@ -15,6 +20,18 @@ use serde_json::{Value, json};
 
 use crate::apiserver::resources;
 use crate::apiserver::store::{Key, Part, Store};
+
+/// How Pods run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// No process: Ready at once.
+    Fake,
+    /// Each Pod runs this sidecar binary.
+    Process {
+        /// The `inferpool-sidecar` binary.
+        sidecar: std::path::PathBuf,
+    },
+}
 
 /// The running kubelet double.
 pub struct Kubelet {
@@ -29,10 +46,11 @@ impl Drop for Kubelet {
 
 impl Kubelet {
     /// Starts reconciling Deployments in `store` into Pods.
-    pub fn start(store: Arc<Store>) -> Kubelet {
+    pub fn start(store: Arc<Store>, mode: Mode) -> std::io::Result<Kubelet> {
+        let root = tempfile::Builder::new().prefix("inferpool-local-").tempdir()?;
         let task = tokio::spawn(async move {
             let mut events = store.subscribe();
-            let mut state = State::default();
+            let mut state = State { mode, next_ip: 0, procs: HashMap::new(), store: Arc::clone(&store), root };
             loop {
                 state.reconcile(&store);
                 // Reconcile again after any change to a Deployment or a Pod; its own writes come
@@ -47,14 +65,31 @@ impl Kubelet {
                 }
             }
         });
-        Kubelet { task }
+        Ok(Kubelet { task })
     }
 }
 
-#[derive(Default)]
 struct State {
+    mode: Mode,
     /// The last address handed out; 127.0.0.1 is left to the host.
     next_ip: u32,
+    /// Sidecar processes by (namespace, pod name); dropping one kills it.
+    procs: HashMap<(String, String), Proc>,
+    store: Arc<Store>,
+    /// Each pod's working directory (its container filesystem) lives below; removed on drop.
+    root: tempfile::TempDir,
+}
+
+/// A pod's sidecar process and the task that watches it.
+struct Proc {
+    _child: tokio::process::Child,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
 }
 
 fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
@@ -87,6 +122,11 @@ impl State {
             return;
         };
         let (all_pods, _) = store.list(pods, None, |_| true);
+        let alive: std::collections::HashSet<(String, String)> = all_pods
+            .iter()
+            .map(|p| (str_at(p, "/metadata/namespace").to_owned(), str_at(p, "/metadata/name").to_owned()))
+            .collect();
+        self.procs.retain(|k, _| alive.contains(k));
         for d in store.list(deployments, None, |_| true).0 {
             if d.pointer("/metadata/deletionTimestamp").is_some() {
                 continue;
@@ -117,14 +157,14 @@ impl State {
             for _ in mine.len()..want {
                 self.create_pod(store, pods, &d, &template, &hash);
             }
-            // Fake pods are Ready the moment they exist, so every wanted replica is ready now.
-            let running = want;
+            let (now, _) = store.list(pods, Some(ns), |p| owned_by(p, uid));
+            let ready = now.iter().filter(|p| is_ready(p)).count();
             let status = json!({"status": {
                 "observedGeneration": d.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
-                "replicas": running,
-                "updatedReplicas": running,
-                "readyReplicas": running,
-                "availableReplicas": running,
+                "replicas": now.len(),
+                "updatedReplicas": now.iter().filter(|p| str_at(p, "/metadata/labels/pod-template-hash") == hash).count(),
+                "readyReplicas": ready,
+                "availableReplicas": ready,
                 "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
             }});
             let key = Key { resource: deployments, namespace: ns.to_owned(), name: name.to_owned() };
@@ -160,19 +200,111 @@ impl State {
         let ns = str_at(d, "/metadata/namespace");
         let Ok(created) = store.create(pods, ns, pod) else { return };
         let ip = self.ip();
-        let status = json!({"status": {
-            "phase": "Running",
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
-            "hostIP": "127.0.0.1",
-            "conditions": [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "Initialized", "status": "True"},
-                {"type": "ContainersReady", "status": "True"},
-                {"type": "Ready", "status": "True"},
-            ],
-        }});
         let key = Key { resource: pods, namespace: ns.to_owned(), name: str_at(&created, "/metadata/name").to_owned() };
-        let _ = store.replace(&key, Part::Status, status, false);
+        match self.mode.clone() {
+            Mode::Fake => set_pod_status(store, &key, &ip, "Running", true),
+            Mode::Process { sidecar } => {
+                set_pod_status(store, &key, &ip, "Pending", false);
+                let dir = self.root.path().join(&key.namespace).join(&key.name);
+                match std::fs::create_dir_all(&dir).and_then(|()| spawn_sidecar(&sidecar, &created, &ip, &dir)) {
+                    Ok((child, port)) => {
+                        let watcher = tokio::spawn(watch_ready(Arc::clone(&self.store), key.clone(), ip, port));
+                        self.procs.insert((key.namespace.clone(), key.name.clone()), Proc { _child: child, watcher });
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = key.name, error = %e, "cannot start the sidecar");
+                        set_pod_status(store, &key, &ip, "Failed", false);
+                    }
+                }
+            }
+        }
     }
+}
+
+fn is_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
+        c.iter().any(|c| {
+            c.get("type").and_then(Value::as_str) == Some("Ready")
+                && c.get("status").and_then(Value::as_str) == Some("True")
+        })
+    })
+}
+
+fn set_pod_status(store: &Store, key: &Key, ip: &str, phase: &str, ready: bool) {
+    let flag = if ready { "True" } else { "False" };
+    let status = json!({"status": {
+        "phase": phase,
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "hostIP": "127.0.0.1",
+        "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "ContainersReady", "status": flag},
+            {"type": "Ready", "status": flag},
+        ],
+    }});
+    let _ = store.replace(key, Part::Status, status, false);
+}
+
+/// A container port by name, or a default.
+fn port(container: &Value, name: &str, default: u16) -> u16 {
+    container
+        .get("ports")
+        .and_then(Value::as_array)
+        .and_then(|ports| ports.iter().find(|p| p.get("name").and_then(Value::as_str) == Some(name)))
+        .and_then(|p| p.get("containerPort").and_then(Value::as_u64))
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or(default)
+}
+
+/// Starts the pod's first container as a sidecar process on the pod's IP; returns it and its API port.
+fn spawn_sidecar(
+    bin: &std::path::Path,
+    pod: &Value,
+    ip: &str,
+    dir: &std::path::Path,
+) -> std::io::Result<(tokio::process::Child, u16)> {
+    let container = pod.pointer("/spec/containers/0").cloned().unwrap_or(json!({}));
+    let (http, admin) = (port(&container, "http", 8080), port(&container, "admin", 9090));
+    let mut cmd = tokio::process::Command::new(bin);
+    for arg in container.get("args").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        cmd.arg(arg);
+    }
+    for var in container.get("env").and_then(Value::as_array).into_iter().flatten() {
+        if let (Some(name), Some(value)) =
+            (var.get("name").and_then(Value::as_str), var.get("value").and_then(Value::as_str))
+        {
+            cmd.env(name, value);
+        }
+    }
+    cmd.env("INFERPOOL_LISTEN", format!("{ip}:{http}"))
+        .env("INFERPOOL_ADMIN_LISTEN", format!("{ip}:{admin}"))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    Ok((cmd.spawn()?, http))
+}
+
+/// Marks the pod Ready once its sidecar answers `/readyz` with 200 (the readiness probe).
+async fn watch_ready(store: Arc<Store>, key: Key, ip: String, port: u16) {
+    let mut probe = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        probe.tick().await;
+        if readyz(&ip, port).await {
+            set_pod_status(&store, &key, &ip, "Running", true);
+            return;
+        }
+    }
+}
+
+async fn readyz(ip: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect((ip, port)).await else { return false };
+    let req = format!("GET /readyz HTTP/1.1\r\nhost: {ip}\r\nconnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.1 200")
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use inferpool_tests::apiserver::ApiServer;
-use inferpool_tests::kubelet::Kubelet;
+use inferpool_tests::kubelet::{Kubelet, Mode};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -13,12 +13,32 @@ use kube::runtime::wait::await_condition;
 use kube::{Api, Client, Config};
 use serde_json::json;
 
-async fn start() -> (ApiServer, Kubelet, Client) {
+async fn start(mode: Mode) -> (ApiServer, Kubelet, Client) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = ApiServer::start(listener).unwrap();
-    let kubelet = Kubelet::start(std::sync::Arc::clone(&server.store));
+    let kubelet = Kubelet::start(std::sync::Arc::clone(&server.store), mode).unwrap();
     let client = Client::try_from(Config::new(server.url().parse().unwrap())).unwrap();
     (server, kubelet, client)
+}
+
+fn deployment(replicas: i32) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": "model"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "model"}},
+            "template": {
+                "metadata": {"labels": {"app": "model"}},
+                "spec": {"containers": [{
+                    "name": "sidecar",
+                    "image": "inferpool-sidecar",
+                    "ports": [{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9090}],
+                    "env": [{"name": "INFERPOOL_LOG", "value": "warn"}, {"name": "INFERPOOL_DISK_MB", "value": "16"}],
+                }]},
+            },
+        },
+    }))
+    .unwrap()
 }
 
 fn ready(n: i32) -> impl Fn(Option<&Deployment>) -> bool {
@@ -31,19 +51,10 @@ async fn pods(api: &Api<Pod>) -> Vec<Pod> {
 
 #[tokio::test]
 async fn replicas_become_pods_with_distinct_ips_and_follow_the_deployment() {
-    let (_server, _kubelet, client) = start().await;
+    let (_server, _kubelet, client) = start(Mode::Fake).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "pool");
     let pod_api: Api<Pod> = Api::namespaced(client, "pool");
-    let d: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "model"},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "model"}},
-            "template": {"metadata": {"labels": {"app": "model"}}, "spec": {"containers": [{"name": "sidecar", "image": "x"}]}},
-        },
-    }))
-    .unwrap();
-    deployments.create(&PostParams::default(), &d).await.unwrap();
+    deployments.create(&PostParams::default(), &deployment(2)).await.unwrap();
     let wait =
         |n| tokio::time::timeout(Duration::from_secs(10), await_condition(deployments.clone(), "model", ready(n)));
     wait(2).await.unwrap().unwrap();
@@ -93,4 +104,80 @@ async fn replicas_become_pods_with_distinct_ips_and_follow_the_deployment() {
 
     deployments.delete("model", &DeleteParams::default()).await.unwrap();
     assert!(pods(&pod_api).await.is_empty(), "pods go with their deployment");
+}
+
+/// The sidecar binary the workspace build made (`make test` builds every binary first).
+fn sidecar_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("inferpool-sidecar");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p inferpool-sidecar` (make test does)", bin.display());
+    bin
+}
+
+/// Whether something answers `GET /readyz` with 200 at ip:8080.
+async fn answers(ip: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect((ip, 8080)).await else { return false };
+    s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out.starts_with("HTTP/1.1 200")
+}
+
+fn ips(pods: &[Pod]) -> BTreeSet<String> {
+    pods.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect()
+}
+
+#[tokio::test]
+async fn process_mode_runs_a_real_sidecar_per_pod() {
+    let (_server, kubelet, client) = start(Mode::Process { sidecar: sidecar_bin() }).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "pool");
+    let pod_api: Api<Pod> = Api::namespaced(client, "pool");
+    deployments.create(&PostParams::default(), &deployment(2)).await.unwrap();
+    let wait =
+        |n| tokio::time::timeout(Duration::from_secs(120), await_condition(deployments.clone(), "model", ready(n)));
+    wait(2).await.unwrap().unwrap();
+    let two = ips(&pods(&pod_api).await);
+    assert_eq!(two.len(), 2);
+    for ip in &two {
+        assert!(answers(ip).await, "the sidecar on {ip} does not answer");
+    }
+
+    deployments.patch("model", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
+    wait(3).await.unwrap().unwrap();
+    let three = ips(&pods(&pod_api).await);
+    assert_eq!(three.len(), 3);
+    let added = three.difference(&two).next().unwrap().clone();
+    assert!(answers(&added).await);
+
+    // Deleting a pod kills its sidecar; a replacement starts and becomes ready.
+    let victim = pods(&pod_api).await.into_iter().find(|p| ips(std::slice::from_ref(p)).contains(&added)).unwrap();
+    pod_api.delete(victim.metadata.name.as_ref().unwrap(), &DeleteParams::default()).await.unwrap();
+    stops_answering(&added).await;
+    let replaced = |d: Option<&Deployment>| {
+        ready(3)(d) && d.and_then(|d| d.status.as_ref()).is_some_and(|s| s.replicas == Some(3))
+    };
+    tokio::time::timeout(Duration::from_secs(120), await_condition(deployments.clone(), "model", replaced))
+        .await
+        .unwrap()
+        .unwrap();
+    let now = ips(&pods(&pod_api).await);
+    assert!(!now.contains(&added) && now.len() == 3, "{now:?}");
+
+    // Deleting the Deployment stops every sidecar.
+    deployments.delete("model", &DeleteParams::default()).await.unwrap();
+    for ip in &now {
+        stops_answering(ip).await;
+    }
+    drop(kubelet);
+}
+
+/// Waits until nothing answers on ip:8080 (the process was killed); the kill is asynchronous.
+async fn stops_answering(ip: &str) {
+    let gone = async {
+        while answers(ip).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone).await.unwrap_or_else(|_| panic!("{ip} still answers"));
 }
