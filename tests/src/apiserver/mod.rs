@@ -224,7 +224,7 @@ async fn handle(store: &Arc<Store>, req: Request<Incoming>) -> Response<Body> {
     }
     .await;
     let resp = result.unwrap_or_else(|s| failure(&s));
-    tracing::debug!(%method, path, query = q, code = resp.status().as_u16(), "api call");
+    tracing::info!(%method, path, query = q, code = resp.status().as_u16(), "api");
     resp
 }
 

@@ -1,0 +1,83 @@
+//! `inferpool-local`: the local control plane as a process, for running the operator (or kubectl)
+//! against it by hand. Test infrastructure, not a product.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use inferpool_tests::apiserver::ApiServer;
+use inferpool_tests::kubelet::{Kubelet, Mode};
+
+/// A local Kubernetes API double and kubelet double.
+#[derive(Parser)]
+#[command(name = "inferpool-local", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serves the API and runs the kubelet until SIGINT or SIGTERM.
+    Up {
+        /// Where to write a kubeconfig pointing at the API double.
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// fake: pods are Ready at once; process: each pod runs the real sidecar.
+        #[arg(long, default_value = "fake")]
+        mode: String,
+        /// The sidecar binary for process mode (default: inferpool-sidecar next to this binary).
+        #[arg(long)]
+        sidecar_bin: Option<PathBuf>,
+        /// Address of the API double.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+}
+
+fn kubeconfig(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: inferpool-local\n  cluster:\n    server: {server}\n\
+         contexts:\n- name: inferpool-local\n  context:\n    cluster: inferpool-local\n    user: inferpool-local\n    namespace: default\n\
+         current-context: inferpool-local\nusers:\n- name: inferpool-local\n  user: {{}}\n"
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("INFERPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Up { kubeconfig: path, mode, sidecar_bin, listen } = Cli::parse().command;
+    let mode = match mode.as_str() {
+        "fake" => Mode::Fake,
+        "process" => {
+            let sidecar = match sidecar_bin {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("inferpool-sidecar"),
+            };
+            anyhow::ensure!(sidecar.exists(), "--sidecar-bin {}: no such file", sidecar.display());
+            Mode::Process { sidecar }
+        }
+        other => anyhow::bail!("--mode {other:?}: expected fake or process"),
+    };
+    let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("--listen {listen}"))?;
+    let server = ApiServer::start(listener)?;
+    let kubelet = Kubelet::start(Arc::clone(&server.store), mode)?;
+    std::fs::write(&path, kubeconfig(&server.url())).with_context(|| format!("--kubeconfig {}", path.display()))?;
+    tracing::info!(server = server.url(), kubeconfig = %path.display(), "up");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping: killing every pod's process");
+    drop(kubelet);
+    drop(server);
+    Ok(())
+}
