@@ -104,6 +104,21 @@ async fn status_is_a_separate_subresource_and_generation_follows_the_spec() {
     assert_eq!(after.metadata.generation, Some(1), "a label change is not a spec change");
     let after = api.patch("d", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
     assert_eq!(after.metadata.generation, Some(2));
+
+    // The scale subresource reads and writes spec.replicas (what kubectl scale and an HPA use).
+    let scale = api.get_scale("d").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(3));
+    assert_eq!(scale.status.unwrap().selector.as_deref(), Some("a=b"));
+    let scaled =
+        api.patch_scale("d", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}}))).await.unwrap();
+    assert_eq!(scaled.spec.unwrap().replicas, Some(5));
+    let d = api.get("d").await.unwrap();
+    assert_eq!((d.spec.replicas, d.metadata.generation), (Some(5), Some(3)));
+    let bad = api
+        .patch_scale("d", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": -1}})))
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(bad), (422, "Invalid".into()));
 }
 
 #[tokio::test]

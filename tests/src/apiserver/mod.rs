@@ -102,6 +102,8 @@ struct Target {
     namespace: Option<String>,
     name: Option<String>,
     part: Part,
+    /// The `/scale` subresource.
+    scale: bool,
 }
 
 fn parse_path(path: &str) -> Result<Target, Status> {
@@ -134,15 +136,16 @@ fn parse_path(path: &str) -> Result<Target, Status> {
         _ => return Err(unknown()),
     };
     let resource = resources::find(group, version, plural).ok_or_else(unknown)?;
-    let part = match sub {
-        None => Part::Main,
-        Some("status") if resource.status => Part::Status,
+    let (part, scale) = match sub {
+        None => (Part::Main, false),
+        Some("status") if resource.status => (Part::Status, false),
+        Some("scale") if resource.scale.is_some() => (Part::Main, true),
         Some(_) => return Err(unknown()),
     };
     if resource.namespaced && name.is_some() && namespace.is_none() {
         return Err(unknown());
     }
-    Ok(Target { resource, namespace, name, part })
+    Ok(Target { resource, namespace, name, part, scale })
 }
 
 fn query<'a>(q: &'a str, name: &str) -> Option<&'a str> {
@@ -282,6 +285,9 @@ fn route(
 ) -> Result<Response<Body>, Status> {
     let ns = t.namespace.clone().unwrap_or_default();
     let key = |name: &str| Key { resource: t.resource, namespace: ns.clone(), name: name.to_owned() };
+    if let (true, Some(name), Some(paths)) = (t.scale, &t.name, t.resource.scale) {
+        return scale(store, &key(name), paths, method, content_type, body);
+    }
     match (method, &t.name) {
         (&Method::GET, None) if query(q, "watch").is_some_and(|w| w == "true" || w == "1") => watch(store, t, q),
         (&Method::GET, None) => {
@@ -307,6 +313,72 @@ fn route(
         (&Method::DELETE, Some(name)) => Ok(full(StatusCode::OK, &store.delete(&key(name))?)),
         (m, _) => Err(Status::refused(405, "MethodNotAllowed", format!("{m} is not supported here"))),
     }
+}
+
+/// The `/scale` subresource: an `autoscaling/v1` Scale read from, and written to, the object.
+fn scale(
+    store: &Arc<Store>,
+    key: &Key,
+    paths: resources::ScalePaths,
+    method: &Method,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Response<Body>, Status> {
+    let view = |object: &Value| {
+        let selector = match object.pointer(paths.selector) {
+            Some(Value::Object(labels)) => {
+                labels.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
+            }
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        };
+        json!({
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                "name": object.pointer("/metadata/name"),
+                "namespace": object.pointer("/metadata/namespace"),
+                "uid": object.pointer("/metadata/uid"),
+                "resourceVersion": object.pointer("/metadata/resourceVersion"),
+                "creationTimestamp": object.pointer("/metadata/creationTimestamp"),
+            },
+            "spec": {"replicas": object.pointer(paths.spec_replicas).cloned().unwrap_or(json!(0))},
+            "status": {"replicas": object.pointer(paths.status_replicas).cloned().unwrap_or(json!(0)), "selector": selector},
+        })
+    };
+    let current = store.get(key)?;
+    if *method == Method::GET {
+        return Ok(full(StatusCode::OK, &view(&current)));
+    }
+    let mut requested = view(&current);
+    match (method, content_type) {
+        (&Method::PUT, _) => requested = parse_json(body)?,
+        (&Method::PATCH, ct) if ct.starts_with("application/json-patch+json") => {
+            requested = jsonpatch::apply(&requested, &parse_json(body)?)
+                .map_err(|e| Status::refused(422, "Invalid", e.to_string()))?;
+        }
+        (&Method::PATCH, _) => merge(&mut requested, &parse_json(body)?),
+        (m, _) => return Err(Status::refused(405, "MethodNotAllowed", format!("{m} is not supported on /scale"))),
+    }
+    let replicas = requested
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .filter(|r| *r >= 0)
+        .ok_or_else(|| Status::invalid(key.resource, &key.name, "spec.replicas", "must be a whole number >= 0"))?;
+    let mut object = current;
+    if let Some(slot) = object.pointer_mut(paths.spec_replicas) {
+        *slot = json!(replicas);
+    } else {
+        let mut patch = json!({});
+        let mut cursor = &mut patch;
+        for token in paths.spec_replicas.trim_start_matches('/').split('/') {
+            cursor = &mut cursor[token];
+        }
+        *cursor = json!(replicas);
+        merge(&mut object, &patch);
+    }
+    let updated = store.replace(key, Part::Main, object, false)?;
+    Ok(full(StatusCode::OK, &view(&updated)))
 }
 
 /// RFC 7386 JSON merge patch.
