@@ -7,7 +7,8 @@ use std::time::Duration;
 use inferpool_tests::apiserver::ApiServer;
 use inferpool_tests::kubelet::{Kubelet, Mode};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client, Config};
@@ -53,7 +54,7 @@ async fn pods(api: &Api<Pod>) -> Vec<Pod> {
 async fn replicas_become_pods_with_distinct_ips_and_follow_the_deployment() {
     let (_server, _kubelet, client) = start(Mode::Fake).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "pool");
-    let pod_api: Api<Pod> = Api::namespaced(client, "pool");
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), "pool");
     deployments.create(&PostParams::default(), &deployment(2)).await.unwrap();
     let wait =
         |n| tokio::time::timeout(Duration::from_secs(10), await_condition(deployments.clone(), "model", ready(n)));
@@ -67,6 +68,34 @@ async fn replicas_become_pods_with_distinct_ips_and_follow_the_deployment() {
     deployments.patch("model", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 3}}))).await.unwrap();
     wait(3).await.unwrap().unwrap();
     assert_eq!(pods(&pod_api).await.len(), 3);
+
+    // A Service's EndpointSlice lists its pods' IPs at the target port.
+    let services: Api<Service> = Api::namespaced(client.clone(), "pool");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "model"},
+        "spec": {"selector": {"app": "model"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &svc).await.unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "pool");
+    let slice = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let found =
+                slices.list(&ListParams::default().labels("kubernetes.io/service-name=model")).await.unwrap().items;
+            if let Some(s) = found.into_iter().find(|s| s.endpoints.as_ref().is_some_and(|e| e.len() == 3)) {
+                return s;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    let endpoints = slice.endpoints.clone().unwrap_or_default();
+    let slice_ips: BTreeSet<_> = endpoints.iter().flat_map(|e| e.addresses.clone()).collect();
+    let pod_ips: BTreeSet<_> = pods(&pod_api).await.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).collect();
+    assert_eq!(slice_ips, pod_ips);
+    assert!(endpoints.iter().all(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true)));
+    assert_eq!(slice.ports.unwrap()[0].port, Some(8080));
 
     // A deleted pod is replaced.
     let victim = first[0].metadata.name.clone().unwrap();
