@@ -7,3 +7,4 @@
 
 pub mod apiserver;
 pub mod kubelet;
+pub mod proxy;

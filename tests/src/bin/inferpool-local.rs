@@ -33,6 +33,10 @@ enum Command {
         /// Address of the API double.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// A Service proxy, `ADDRESS=NAMESPACE/SERVICE` (e.g. 127.0.0.1:8080=default/model):
+        /// connections to ADDRESS go round robin to the Service's ready endpoints. Repeatable.
+        #[arg(long)]
+        proxy: Vec<String>,
     },
 }
 
@@ -53,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Up { kubeconfig: path, mode, sidecar_bin, listen } = Cli::parse().command;
+    let Command::Up { kubeconfig: path, mode, sidecar_bin, listen, proxy } = Cli::parse().command;
     let mode = match mode.as_str() {
         "fake" => Mode::Fake,
         "process" => {
@@ -69,6 +73,13 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("--listen {listen}"))?;
     let server = ApiServer::start(listener)?;
     let kubelet = Kubelet::start(Arc::clone(&server.store), mode)?;
+    for spec in proxy {
+        let (addr, target) = spec.split_once('=').context("--proxy: expected ADDRESS=NAMESPACE/SERVICE")?;
+        let (ns, svc) = target.split_once('/').context("--proxy: expected ADDRESS=NAMESPACE/SERVICE")?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--proxy {addr}"))?;
+        tracing::info!(listen = %listener.local_addr()?, service = target, "proxy");
+        tokio::spawn(inferpool_tests::proxy::serve(listener, Arc::clone(&server.store), ns.to_owned(), svc.to_owned()));
+    }
     std::fs::write(&path, kubeconfig(&server.url())).with_context(|| format!("--kubeconfig {}", path.display()))?;
     tracing::info!(server = server.url(), kubeconfig = %path.display(), "up");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
