@@ -319,6 +319,9 @@ fn tls_round_trips() {
     assert!(out.status.success() && log.contains("1 passed"), "{log}");
 }
 
+/// The TLS half of `tls_round_trips`: it needs SSL_CERT_FILE naming the test CA before rustls
+/// loads its roots, which only a fresh process can guarantee, so that test runs this one as
+/// `<test binary> tls_child --exact --ignored` with the variable set. Not meant to run alone.
 #[tokio::test]
 #[ignore = "run by tls_round_trips in a child process"]
 async fn tls_child() {
