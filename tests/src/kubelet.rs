@@ -52,8 +52,8 @@ impl Kubelet {
             let mut events = store.subscribe();
             let mut state = State { mode, next_ip: 0, procs: HashMap::new(), store: Arc::clone(&store), root };
             loop {
-                state.reconcile(&store);
-                state.reconcile_endpoints(&store);
+                state.reconcile();
+                state.reconcile_endpoints();
                 // Reconcile again after any change to a Deployment or a Pod; its own writes come
                 // back here too and settle, since a reconcile with nothing to do writes nothing.
                 loop {
@@ -116,7 +116,9 @@ impl State {
         Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + self.next_ip).to_string()
     }
 
-    fn reconcile(&mut self, store: &Store) {
+    fn reconcile(&mut self) {
+        let store = Arc::clone(&self.store);
+        let store = &*store;
         let (Some(deployments), Some(pods)) =
             (resources::find("apps", "v1", "deployments"), resources::find("", "v1", "pods"))
         else {
@@ -177,7 +179,8 @@ impl State {
 
     /// Keeps one EndpointSlice per Service with a selector: its pods' IPs, ready or not, and the
     /// Service's ports (at their target port).
-    fn reconcile_endpoints(&self, store: &Store) {
+    fn reconcile_endpoints(&self) {
+        let store = &*self.store;
         let (Some(services), Some(pods), Some(slices)) = (
             resources::find("", "v1", "services"),
             resources::find("", "v1", "pods"),

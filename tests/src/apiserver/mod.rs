@@ -148,8 +148,10 @@ fn parse_path(path: &str) -> Result<Target, Status> {
     Ok(Target { resource, namespace, name, part, scale })
 }
 
-fn query<'a>(q: &'a str, name: &str) -> Option<&'a str> {
-    q.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+/// The percent-decoded value of query parameter `name`. Split first, decode after, so an encoded
+/// `&` or `=` inside a value (a label selector) stays part of it.
+fn query(q: &str, name: &str) -> Option<String> {
+    q.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(decode)
 }
 
 fn decode(s: &str) -> String {
@@ -209,7 +211,7 @@ fn field_match(selector: &str, object: &Value) -> bool {
 async fn handle(store: &Arc<Store>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let q = decode(req.uri().query().unwrap_or(""));
+    let q = req.uri().query().unwrap_or("").to_owned();
     let result = async {
         if method == Method::GET
             && let Some(doc) = discovery(&path)
@@ -291,9 +293,10 @@ fn route(
     match (method, &t.name) {
         (&Method::GET, None) if query(q, "watch").is_some_and(|w| w == "true" || w == "1") => watch(store, t, q),
         (&Method::GET, None) => {
-            let (labels, fields) = (query(q, "labelSelector").unwrap_or(""), query(q, "fieldSelector").unwrap_or(""));
+            let (labels, fields) =
+                (query(q, "labelSelector").unwrap_or_default(), query(q, "fieldSelector").unwrap_or_default());
             let (items, rv) =
-                store.list(t.resource, t.namespace.as_deref(), |o| label_match(labels, o) && field_match(fields, o));
+                store.list(t.resource, t.namespace.as_deref(), |o| label_match(&labels, o) && field_match(&fields, o));
             Ok(full(
                 StatusCode::OK,
                 &json!({
@@ -422,7 +425,7 @@ fn patch(
             format!("the body of the request was in an unknown format: {content_type}"),
         ));
     }
-    if apply && query(q, "fieldManager").is_none_or(str::is_empty) {
+    if apply && query(q, "fieldManager").is_none_or(|m| m.is_empty()) {
         return Err(Status::invalid(
             t.resource,
             &key.name,
@@ -449,8 +452,8 @@ fn patch(
 
 fn watch(store: &Arc<Store>, t: &Target, q: &str) -> Result<Response<Body>, Status> {
     let timeout = query(q, "timeoutSeconds").and_then(|s| s.parse().ok()).map_or(DEFAULT_WATCH, Duration::from_secs);
-    let labels = query(q, "labelSelector").unwrap_or("").to_owned();
-    let fields = query(q, "fieldSelector").unwrap_or("").to_owned();
+    let labels = query(q, "labelSelector").unwrap_or_default();
+    let fields = query(q, "fieldSelector").unwrap_or_default();
     let from: u64 = query(q, "resourceVersion").and_then(|s| s.parse().ok()).unwrap_or(0);
     let resource = t.resource;
     let namespace = t.namespace.clone();
