@@ -268,7 +268,12 @@ impl Metrics {
 
     /// A failure in one cache tier.
     pub fn cache_error(&self, tier: Tier, kind: ErrorKind) {
-        self.cache_errors.with_label_values(&[tier.as_str(), kind.as_str()]).inc();
+        self.cache_error_n(tier, kind, 1);
+    }
+
+    /// `n` failures of one kind at once (e.g. corrupt entries found by the disk recovery).
+    pub fn cache_error_n(&self, tier: Tier, kind: ErrorKind, n: u64) {
+        self.cache_errors.with_label_values(&[tier.as_str(), kind.as_str()]).inc_by(n);
     }
 
     /// Failures counted so far in one tier and kind.

@@ -96,7 +96,7 @@ impl Cache {
             let (d, m) = (Arc::clone(d), Arc::clone(&metrics));
             tokio::task::spawn_blocking(move || match d.recover() {
                 Ok(r) => {
-                    (0..r.corrupt).for_each(|_| m.cache_error(Tier::Disk, ErrorKind::Corrupt));
+                    m.cache_error_n(Tier::Disk, ErrorKind::Corrupt, r.corrupt);
                     tracing::info!(
                         entries = r.entries,
                         bytes = r.bytes,
