@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run test lint fmt bench bench-sidecar bench-cache model clean-model
+.PHONY: setup run test lint fmt crd bench bench-sidecar bench-cache model clean-model
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -25,6 +25,10 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## crd: regenerate crds/inferencepool.yaml from the types (a test fails while it is stale)
+crd:
+	$(CARGO) run -q -p inferpool-crds --bin crdgen > crds/inferencepool.yaml
 
 ## bench: benchmarks; reports go to docs/benchmarks/
 bench: bench-sidecar bench-cache

@@ -15,6 +15,7 @@ pub const MAX_CACHE_ENTRIES: u64 = 1_000_000;
 
 /// Batching and cache settings applied live to a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "pool", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Tuning {
     /// Monotonic version of this tuning; pushes with an older generation are refused.
