@@ -21,3 +21,21 @@ fn crd_fits_in_a_client_side_apply_annotation() {
         .unwrap_or_default();
     assert!(json.len() > 1000 && json.len() < 256 * 1024, "CRD is {} bytes as JSON", json.len());
 }
+
+#[test]
+fn every_example_is_a_valid_pool() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
+        let path = entry.unwrap_or_else(|e| panic!("{dir}: {e}")).path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let pool: inferpool_crds::InferencePool =
+            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(pool.spec.validate(), Ok(()), "{}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 3, "expected the CPU, GPU and Redis examples, found {seen}");
+}

@@ -8,9 +8,9 @@ use super::InferencePoolSpec;
 
 /// One broken rule: the field it points at and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("spec.{field}: {message}")]
+#[error("{}{field}: {message}", if field.starts_with("metadata.") { "" } else { "spec." })]
 pub struct SpecError {
-    /// Path of the offending field below `spec`, e.g. `replicas.min`.
+    /// Path of the offending field below `spec` (e.g. `replicas.min`), or a `metadata.` path.
     pub field: &'static str,
     /// What is wrong, with the values involved.
     pub message: String,

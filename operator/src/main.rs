@@ -1,0 +1,191 @@
+//! `inferpool-operator`: `run` the controller, or print the `crd`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use inferpool_operator::build::Settings;
+use inferpool_operator::controller::{self, Context};
+use inferpool_operator::leader::{self, LeaseSettings};
+use inferpool_operator::metrics::Metrics;
+use inferpool_operator::server::{self, State};
+use kube::runtime::events::Reporter;
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "inferpool-operator",
+    version,
+    about = "Runs InferencePools on Kubernetes and keeps them inside their SLA"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile InferencePools (uses KUBECONFIG or the in-cluster service account).
+    Run(Box<RunArgs>),
+    /// Print the InferencePool CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Only manage pools in this namespace (default: all namespaces).
+    #[arg(long, env = "INFERPOOL_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Sidecar image for pools that do not name one.
+    #[arg(long, env = "INFERPOOL_OPERATOR_DEFAULT_IMAGE", default_value = concat!("ghcr.io/inferpool/sidecar:", env!("CARGO_PKG_VERSION")))]
+    default_image: String,
+    /// imagePullPolicy of the sidecar container (default: the cluster's default).
+    #[arg(long, env = "INFERPOOL_OPERATOR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    image_pull_policy: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "INFERPOOL_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Elect a leader on a Lease so that only one replica reconciles (true|false).
+    #[arg(long, env = "INFERPOOL_OPERATOR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "INFERPOOL_OPERATOR_LEASE_NAME", default_value = "inferpool-operator")]
+    lease_name: String,
+    /// Namespace of the leader Lease (default: --namespace, else the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Seconds a leader's lease lasts without renewal; a standby takes over within this time.
+    #[arg(long, env = "INFERPOOL_OPERATOR_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    lease_duration_seconds: u64,
+    /// This replica's identity in the Lease (default: the pod name, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log format.
+    #[arg(long, env = "INFERPOOL_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => match inferpool_crds::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("inferpool-operator: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("inferpool-operator: cannot start the runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(*args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let state = Arc::new(State { metrics: metrics.clone(), ready: Default::default() });
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let (stop, stopped) = watch::channel(false);
+    let server = tokio::spawn(server::serve(listener, state.clone(), wait(stopped.clone())));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
+
+    let client =
+        kube::Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    client.apiserver_version().await.context("reaching the Kubernetes API server")?;
+    state.ready.store(true, Ordering::Release);
+
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some(identity.clone()) };
+    let settings =
+        Settings { default_image: args.default_image.clone(), image_pull_policy: args.image_pull_policy.clone() };
+    let ctx = Arc::new(Context::new(client.clone(), settings, reporter, metrics.clone()));
+    let namespace = args.namespace.clone();
+    let reconcile = || controller::run(ctx.clone(), namespace.as_deref(), wait(stopped.clone()));
+    if args.leader_election {
+        let lease = LeaseSettings {
+            name: args.lease_name.clone(),
+            namespace: args.lease_namespace.clone().or(args.namespace.clone()).unwrap_or_else(|| "default".into()),
+            identity,
+            duration_seconds: args.lease_duration_seconds,
+        };
+        leader::lead(client, &lease, metrics, stopped.clone(), reconcile).await.context("leader election")?;
+    } else {
+        metrics.leader.set(1);
+        reconcile().await;
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+async fn wait(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,224 @@
+//! What one reconcile sends to the API server, against a mock of it (tower-test).
+//!
+//! The mock answers like an empty cluster (children absent, applies echoed back with a
+//! resourceVersion) and records every request, so the tests assert on what the operator asks for:
+//! method, path and body fields, never on exact query strings.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use inferpool_crds::InferencePool;
+use inferpool_operator::build::Settings;
+use inferpool_operator::controller::{self, Context};
+use inferpool_operator::metrics::Metrics;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use serde_json::{Value, json};
+
+/// One request the operator sent.
+#[derive(Debug, Clone)]
+struct Sent {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+impl Sent {
+    fn is(&self, method: &Method, path_end: &str) -> bool {
+        self.method == method && self.path.ends_with(path_end)
+    }
+}
+
+/// Serves requests as an empty cluster would, recording them, until the client is dropped.
+fn mock_cluster(pool: Value, existing: Vec<(String, Value)>) -> (Client, Arc<Mutex<Vec<Sent>>>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let log = sent.clone();
+    tokio::spawn(async move {
+        while let Some((request, respond)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let path = parts.uri.path().to_owned();
+            let record = Sent {
+                method: parts.method.clone(),
+                path: path.clone(),
+                query: parts.uri.query().unwrap_or_default().to_owned(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
+                body: body.clone(),
+            };
+            log.lock().unwrap_or_else(|p| p.into_inner()).push(record);
+            let found = existing.iter().find(|(p, _)| *p == path).map(|(_, v)| v.clone());
+            let (status, reply) = match parts.method {
+                Method::GET => match found {
+                    Some(object) => (StatusCode::OK, object),
+                    None => (StatusCode::NOT_FOUND, not_found(&path)),
+                },
+                Method::PATCH if path.ends_with("/status") => {
+                    let mut object = pool.clone();
+                    object["status"] = body["status"].clone();
+                    (StatusCode::OK, object)
+                }
+                Method::PATCH | Method::POST => {
+                    let mut object = body;
+                    object["metadata"]["resourceVersion"] = json!("7");
+                    (if parts.method == Method::POST { StatusCode::CREATED } else { StatusCode::OK }, object)
+                }
+                _ => (StatusCode::METHOD_NOT_ALLOWED, not_found(&path)),
+            };
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()));
+            match response {
+                Ok(response) => respond.send_response(response),
+                Err(_) => return,
+            }
+        }
+    });
+    (Client::new(service, "default"), sent)
+}
+
+fn not_found(path: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+           "message": format!("{path} not found")})
+}
+
+fn pool_json(spec: Value) -> Value {
+    json!({
+        "apiVersion": "inferpool.dev/v1alpha1",
+        "kind": "InferencePool",
+        "metadata": {"name": "shop", "namespace": "prod", "uid": "0b6f1d6e-1111-2222-3333-444455556666",
+                     "generation": 1, "resourceVersion": "5"},
+        "spec": spec,
+    })
+}
+
+fn context(client: Client) -> Arc<Context> {
+    let metrics = Arc::new(Metrics::new().unwrap_or_else(|e| panic!("metrics: {e}")));
+    let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some("test".into()) };
+    let settings = Settings { default_image: "registry.local/inferpool/sidecar:test".into(), image_pull_policy: None };
+    Arc::new(Context::new(client, settings, reporter, metrics))
+}
+
+async fn reconcile(spec: Value, existing: Vec<(String, Value)>) -> (Result<Action, String>, Vec<Sent>) {
+    let json = pool_json(spec);
+    let pool: InferencePool = serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("pool: {e}"));
+    let (client, sent) = mock_cluster(json, existing);
+    let ctx = context(client);
+    let result = tokio::time::timeout(Duration::from_secs(10), controller::reconcile(Arc::new(pool), ctx))
+        .await
+        .unwrap_or_else(|_| panic!("reconcile did not finish"));
+    let sent = sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    (result.map_err(|e| e.to_string()), sent)
+}
+
+fn find<'a>(sent: &'a [Sent], method: &Method, path_end: &str) -> &'a Sent {
+    sent.iter().find(|s| s.is(method, path_end)).unwrap_or_else(|| {
+        panic!("no {method} .../{path_end} in {:#?}", sent.iter().map(|s| (&s.method, &s.path)).collect::<Vec<_>>())
+    })
+}
+
+#[tokio::test]
+async fn a_new_pool_gets_its_children_applied_and_a_status() {
+    let (result, sent) = reconcile(json!({"replicas": {"min": 2}}), vec![]).await;
+    assert!(result.is_ok(), "{result:?}");
+
+    // The admin token Secret is created once (POST), never applied.
+    let secret = find(&sent, &Method::POST, "/api/v1/namespaces/prod/secrets");
+    assert_eq!(secret.body["metadata"]["name"], "shop-admin");
+    assert!(!sent.iter().any(|s| s.method == Method::PATCH && s.path.contains("/secrets/")));
+
+    // Every child is server-side applied by the operator's field manager, with force.
+    for path in [
+        "/apis/apps/v1/namespaces/prod/deployments/shop",
+        "/api/v1/namespaces/prod/services/shop",
+        "/api/v1/namespaces/prod/configmaps/shop-tuning",
+        "/apis/policy/v1/namespaces/prod/poddisruptionbudgets/shop",
+    ] {
+        let apply = find(&sent, &Method::PATCH, path);
+        assert_eq!(apply.content_type, "application/apply-patch+yaml", "{path}");
+        assert!(apply.query.contains("fieldManager=inferpool-operator"), "{path}: {}", apply.query);
+        assert!(apply.query.contains("force=true"), "{path}: {}", apply.query);
+        let owner = &apply.body["metadata"]["ownerReferences"][0];
+        assert_eq!((owner["kind"].as_str(), owner["name"].as_str()), (Some("InferencePool"), Some("shop")), "{path}");
+        assert_eq!(owner["controller"], true, "{path}");
+    }
+    let deployment = &find(&sent, &Method::PATCH, "/deployments/shop").body;
+    assert_eq!(deployment["spec"]["replicas"], 2, "autoscaling on: the floor of the range");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.local/inferpool/sidecar:test"
+    );
+
+    // Status: written through the status subresource, not ready yet, SLA unknown.
+    let status = &find(&sent, &Method::PATCH, "/inferencepools/shop/status").body["status"];
+    assert_eq!(status["desiredReplicas"], 2);
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(status["endpoint"], "http://shop.prod.svc:8080");
+    assert!(status["selector"].as_str().is_some_and(|s| s.contains("app.kubernetes.io/instance=shop")));
+    let condition = |t: &str| status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == t)).cloned();
+    assert_eq!(condition("Ready").map(|c| c["status"].clone()), Some(json!("False")));
+    assert_eq!(condition("Progressing").map(|c| c["status"].clone()), Some(json!("True")));
+    assert_eq!(condition("Degraded").map(|c| c["status"].clone()), Some(json!("False")));
+    assert_eq!(condition("SLACompliant").map(|c| c["status"].clone()), Some(json!("Unknown")));
+
+    // Each created child is explained by an Event on the pool.
+    let events: Vec<_> = sent.iter().filter(|s| s.method == Method::POST && s.path.ends_with("/events")).collect();
+    assert!(events.len() >= 5, "expected an Event per created child, got {}", events.len());
+    assert!(events.iter().all(|e| e.body["regarding"]["name"] == "shop"));
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_nothing_is_applied() {
+    let (result, sent) = reconcile(json!({"replicas": {"min": 5, "max": 2}}), vec![]).await;
+    let error = result.expect_err("invalid spec must fail the reconcile");
+    assert!(error.contains("spec.replicas.min"), "{error}");
+    assert!(!sent.iter().any(|s| s.method == Method::PATCH && !s.path.ends_with("/status")), "nothing applied");
+    let status = &find(&sent, &Method::PATCH, "/inferencepools/shop/status").body["status"];
+    let degraded = status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Degraded")).cloned();
+    let degraded = degraded.unwrap_or_default();
+    assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("InvalidSpec")));
+    assert!(degraded["message"].as_str().is_some_and(|m| m.contains("must not exceed max")));
+    let warning = find(&sent, &Method::POST, "/events");
+    assert_eq!(
+        (warning.body["type"].as_str(), warning.body["reason"].as_str()),
+        (Some("Warning"), Some("InvalidSpec"))
+    );
+}
+
+#[tokio::test]
+async fn manual_replicas_follow_the_count_the_scale_subresource_sets() {
+    let spec = json!({"autoscaling": {"enabled": false}, "replicas": {"count": 4}});
+    let (result, sent) = reconcile(spec, vec![]).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(find(&sent, &Method::PATCH, "/deployments/shop").body["spec"]["replicas"], 4);
+}
+
+#[tokio::test]
+async fn an_existing_admin_secret_is_never_replaced() {
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+                        "metadata": {"name": "shop-admin", "namespace": "prod", "resourceVersion": "3"},
+                        "data": {"token": "c2VjcmV0"}});
+    let existing = vec![("/api/v1/namespaces/prod/secrets/shop-admin".to_owned(), secret)];
+    let (result, sent) = reconcile(json!({}), existing).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(!sent.iter().any(|s| s.path.contains("/secrets") && s.method != Method::GET), "the Secret was written");
+}
+
+#[test]
+fn transient_errors_back_off_exponentially_up_to_a_cap() {
+    let delays: Vec<_> = [1, 2, 3, 4, 20].into_iter().map(controller::backoff).collect();
+    assert_eq!(delays[..4], [500, 1000, 2000, 4000].map(Duration::from_millis));
+    assert_eq!(delays[4], Duration::from_secs(300));
+}
