@@ -6,5 +6,6 @@
 //! garbage collection), so the operator talks to it through an ordinary kubeconfig without knowing.
 
 pub mod apiserver;
+pub mod apply;
 pub mod kubelet;
 pub mod proxy;

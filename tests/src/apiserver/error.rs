@@ -4,6 +4,34 @@ use serde_json::{Value, json};
 
 use super::resources::Resource;
 
+/// One cause of a failed call: which field, why (`FieldValueInvalid`, `FieldValueRequired`,
+/// `FieldManagerConflict`, ...) and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cause {
+    /// Machine-readable reason.
+    pub reason: &'static str,
+    /// The field path, e.g. `spec.replicas.min`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl Cause {
+    /// A cause of `reason` at `field`.
+    pub fn new(reason: &'static str, field: &str, message: String) -> Self {
+        Cause { reason, field: field.to_owned(), message }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({"reason": self.reason, "message": self.message, "field": self.field})
+    }
+}
+
+/// `Kind.group`, as messages name a kind (just `Kind` in the core group).
+fn qualified_kind(resource: &Resource) -> String {
+    if resource.group.is_empty() { resource.kind.to_owned() } else { format!("{}.{}", resource.kind, resource.group) }
+}
+
 /// A failed call, as a Kubernetes `Status`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
@@ -57,14 +85,31 @@ impl Status {
 
     /// 422: a field is invalid.
     pub fn invalid(resource: &Resource, name: &str, field: &str, message: &str) -> Self {
-        let mut d = details(resource, name);
-        d["causes"] = json!([{"reason": "FieldValueInvalid", "message": message, "field": field}]);
+        Self::invalid_causes(resource, name, &[Cause::new("FieldValueInvalid", field, message.to_owned())])
+    }
+
+    /// 422 with every cause, worded like the API server: one cause inline, several in brackets.
+    pub fn invalid_causes(resource: &Resource, name: &str, causes: &[Cause]) -> Self {
+        let each: Vec<String> = causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect();
+        let list = if each.len() == 1 { each.join("") } else { format!("[{}]", each.join(", ")) };
         Status {
             code: 422,
             reason: "Invalid",
-            message: format!("{} \"{name}\" is invalid: {field}: {message}", resource.kind),
-            details: d,
+            message: format!("{} \"{name}\" is invalid: {list}", qualified_kind(resource)),
+            details: json!({
+                "name": name,
+                "group": resource.group,
+                "kind": resource.kind,
+                "causes": causes.iter().map(Cause::to_json).collect::<Vec<_>>(),
+            }),
         }
+    }
+
+    /// 409: a server-side apply would change fields other managers own.
+    pub fn apply_conflict(resource: &Resource, name: &str, message: String, causes: &[Cause]) -> Self {
+        let mut d = details(resource, name);
+        d["causes"] = causes.iter().map(Cause::to_json).collect();
+        Status { code: 409, reason: "Conflict", message, details: d }
     }
 
     /// 410: the resourceVersion is older than the history kept.

@@ -1,43 +1,53 @@
 //! A test double of the Kubernetes API server: typed REST over HTTP/1.1 on loopback for the
-//! resources in [`resources::RESOURCES`], kept in an in-memory [`store::Store`].
+//! resources in [`resources::all`], kept in an in-memory [`store::Store`].
 //!
-//! It implements what kube-rs's client and runtime rely on: get, list (label and `metadata.name`
-//! field selectors), watch from a resourceVersion (replayed from history, 410 Gone inside the
-//! stream when too old, server-side `timeoutSeconds`), create (409 AlreadyExists), replace with
-//! optimistic concurrency (409 Conflict), merge patch and server-side apply (applied fields are
-//! merged; field ownership is not tracked), delete with finalizers and background garbage
-//! collection, and the status subresource. Every error is a Kubernetes `Status`.
+//! It implements what kube-rs's client and runtime rely on: get, list (label selectors, equality
+//! and set-based, and `metadata.name` field selectors), watch ([`watch`]: from a resourceVersion,
+//! 410 Gone inside the stream when too old, bookmarks, streaming initial lists, `timeoutSeconds`),
+//! create (409 AlreadyExists), replace with optimistic concurrency (409 Conflict), merge and JSON
+//! patches, server-side apply with field ownership ([`fields`]), delete with finalizers and
+//! background, foreground or orphan propagation, the status and scale subresources, and schema
+//! validation of custom resources ([`schema`]). Every error is a Kubernetes `Status`.
+//!
+//! This module is the HTTP layer: it parses paths and queries, computes what a write makes of an
+//! object (patches, apply, field ownership) and hands the result to the store.
 
 pub mod error;
+pub mod fields;
 pub mod jsonpatch;
+mod patch;
+pub mod persist;
 pub mod resources;
+pub mod schema;
+pub mod selector;
 pub mod store;
+pub mod watch;
+
+pub use patch::merge;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 use error::Status;
+use fields::{Scope, Writer};
 use resources::Resource;
-use store::{Key, Part, Store};
+use selector::Selector;
+use store::{Key, Part, Propagation, Store};
 
-type Body = BoxBody<Bytes, Infallible>;
+pub(super) type Body = BoxBody<Bytes, Infallible>;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 8 << 20;
-/// Watch length when the client does not say.
-const DEFAULT_WATCH: Duration = Duration::from_secs(1800);
 
 /// A running API server double.
 pub struct ApiServer {
@@ -84,7 +94,7 @@ async fn accept(listener: TcpListener, store: Arc<Store>) {
     }
 }
 
-fn full(status: StatusCode, value: &Value) -> Response<Body> {
+pub(super) fn full(status: StatusCode, value: &Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
@@ -96,7 +106,7 @@ fn failure(s: &Status) -> Response<Body> {
 }
 
 /// What a path names.
-struct Target {
+pub(super) struct Target {
     resource: &'static Resource,
     /// None: all namespaces (or a cluster-scoped resource).
     namespace: Option<String>,
@@ -150,7 +160,7 @@ fn parse_path(path: &str) -> Result<Target, Status> {
 
 /// The percent-decoded value of query parameter `name`. Split first, decode after, so an encoded
 /// `&` or `=` inside a value (a label selector) stays part of it.
-fn query(q: &str, name: &str) -> Option<String> {
+pub(crate) fn query(q: &str, name: &str) -> Option<String> {
     q.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')).map(decode)
 }
 
@@ -179,24 +189,8 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Equality-based label selector terms: `k=v`, `k==v`, `k!=v`, `k`, `!k`.
-fn label_match(selector: &str, object: &Value) -> bool {
-    let labels = object.pointer("/metadata/labels");
-    let label = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
-    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
-        if let Some((k, v)) = term.split_once("!=") {
-            label(k.trim()) != Some(v.trim())
-        } else if let Some((k, v)) = term.split_once('=') {
-            label(k.trim()) == Some(v.trim_start_matches('=').trim())
-        } else if let Some(k) = term.strip_prefix('!') {
-            label(k.trim()).is_none()
-        } else {
-            label(term).is_some()
-        }
-    })
-}
-
-fn field_match(selector: &str, object: &Value) -> bool {
+/// Field selector terms on `metadata.name` and `metadata.namespace` (others match everything).
+pub(super) fn field_match(selector: &str, object: &Value) -> bool {
     selector.split(',').filter(|t| !t.is_empty()).all(|term| match term.split_once('=') {
         Some(("metadata.name", v)) => {
             object.pointer("/metadata/name").and_then(Value::as_str) == Some(v.trim_start_matches('='))
@@ -219,13 +213,14 @@ async fn handle(store: &Arc<Store>, req: Request<Incoming>) -> Response<Body> {
             return Ok(full(StatusCode::OK, &doc));
         }
         let target = parse_path(&path)?;
-        let content_type =
-            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let (content_type, agent) = (header(header::CONTENT_TYPE), header(header::USER_AGENT));
         let body = req.into_body().collect().await.map_err(|e| Status::bad_request(e.to_string()))?.to_bytes();
         if body.len() > MAX_BODY {
             return Err(Status::refused(413, "RequestEntityTooLarge", "request body too large"));
         }
-        route(store, &method, &target, &q, &content_type, &body)
+        let request = Call { method: &method, q: &q, content_type: &content_type, agent: &agent, body: &body };
+        route(store, &target, &request)
     }
     .await;
     let resp = result.unwrap_or_else(|s| failure(&s));
@@ -238,7 +233,7 @@ fn discovery(path: &str) -> Option<Value> {
     let path = path.trim_end_matches('/');
     let groups = || {
         let mut seen: Vec<(&str, &str)> = Vec::new();
-        for r in resources::RESOURCES.iter().filter(|r| !r.group.is_empty()) {
+        for r in resources::all().iter().filter(|r| !r.group.is_empty()) {
             if !seen.contains(&(r.group, r.version)) {
                 seen.push((r.group, r.version));
             }
@@ -247,11 +242,14 @@ fn discovery(path: &str) -> Option<Value> {
     };
     let resource_list = |group: &str, version: &str| {
         let mut list = Vec::new();
-        for r in resources::RESOURCES.iter().filter(|r| r.group == group && r.version == version) {
+        for r in resources::all().iter().filter(|r| r.group == group && r.version == version) {
             let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
             list.push(json!({"name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs}));
             if r.status {
                 list.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+            }
+            if r.scale.is_some() {
+                list.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced, "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
             }
         }
         let group_version = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
@@ -273,30 +271,86 @@ fn discovery(path: &str) -> Option<Value> {
     }
 }
 
-fn parse_json(body: &[u8]) -> Result<Value, Status> {
+pub(super) fn parse_json(body: &[u8]) -> Result<Value, Status> {
     serde_json::from_slice(body).map_err(|e| Status::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn route(
-    store: &Arc<Store>,
-    method: &Method,
-    t: &Target,
-    q: &str,
-    content_type: &str,
-    body: &[u8],
-) -> Result<Response<Body>, Status> {
+/// One request, as the handlers need it.
+pub(super) struct Call<'a> {
+    method: &'a Method,
+    /// The raw query string.
+    q: &'a str,
+    content_type: &'a str,
+    /// The `User-Agent`, whose product name is the default field manager.
+    agent: &'a str,
+    body: &'a [u8],
+}
+
+impl Call<'_> {
+    /// The field manager of a non-apply write: `fieldManager`, else the user agent's product.
+    fn manager(&self) -> String {
+        query(self.q, "fieldManager").filter(|m| !m.is_empty()).unwrap_or_else(|| {
+            let product = self.agent.split('/').next().unwrap_or("").trim();
+            if product.is_empty() { "unknown".into() } else { product.to_owned() }
+        })
+    }
+}
+
+pub(super) fn scope(t: &Target) -> Scope {
+    match t.part {
+        Part::Status => Scope::Status,
+        Part::Main => Scope::Main { status_separate: t.resource.status },
+    }
+}
+
+/// Records a non-apply write's field ownership in `new`.
+pub(super) fn record_update(t: &Target, call: &Call, old: Option<&Value>, new: &mut Value) {
+    let (manager, time) = (call.manager(), store::now());
+    let api_version = t.resource.api_version();
+    let writer = Writer { manager: &manager, api_version: &api_version, time: &time, scope: scope(t) };
+    fields::update(old, new, &writer);
+}
+
+/// The propagation policy of a DELETE: its DeleteOptions body, else the query parameter.
+fn propagation(call: &Call) -> Result<Propagation, Status> {
+    let from_body = if call.body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let options = parse_json(call.body)?;
+        options.get("propagationPolicy").and_then(Value::as_str).map(str::to_owned).or_else(|| {
+            options
+                .get("orphanDependents")
+                .and_then(Value::as_bool)
+                .map(|o| if o { "Orphan" } else { "Background" }.into())
+        })
+    };
+    match from_body.or_else(|| query(call.q, "propagationPolicy")).as_deref() {
+        None | Some("Background") => Ok(Propagation::Background),
+        Some("Foreground") => Ok(Propagation::Foreground),
+        Some("Orphan") => Ok(Propagation::Orphan),
+        Some(other) => Err(Status::bad_request(format!(
+            "propagationPolicy: Unsupported value: \"{other}\": supported values: \"Background\", \"Foreground\", \"Orphan\""
+        ))),
+    }
+}
+
+fn route(store: &Arc<Store>, t: &Target, call: &Call) -> Result<Response<Body>, Status> {
     let ns = t.namespace.clone().unwrap_or_default();
     let key = |name: &str| Key { resource: t.resource, namespace: ns.clone(), name: name.to_owned() };
     if let (true, Some(name), Some(paths)) = (t.scale, &t.name, t.resource.scale) {
-        return scale(store, &key(name), paths, method, content_type, body);
+        return patch::scale(store, &key(name), paths, call);
     }
-    match (method, &t.name) {
-        (&Method::GET, None) if query(q, "watch").is_some_and(|w| w == "true" || w == "1") => watch(store, t, q),
+    let q = call.q;
+    match (call.method, &t.name) {
+        (&Method::GET, None) if query(q, "watch").is_some_and(|w| w == "true" || w == "1") => {
+            watch::watch(store, t.resource, t.namespace.clone(), q)
+        }
         (&Method::GET, None) => {
-            let (labels, fields) =
-                (query(q, "labelSelector").unwrap_or_default(), query(q, "fieldSelector").unwrap_or_default());
+            let labels =
+                Selector::parse(&query(q, "labelSelector").unwrap_or_default()).map_err(Status::bad_request)?;
+            let fields = query(q, "fieldSelector").unwrap_or_default();
             let (items, rv) =
-                store.list(t.resource, t.namespace.as_deref(), |o| label_match(&labels, o) && field_match(&fields, o));
+                store.list(t.resource, t.namespace.as_deref(), |o| labels.matches(o) && field_match(&fields, o));
             Ok(full(
                 StatusCode::OK,
                 &json!({
@@ -308,241 +362,19 @@ fn route(
             ))
         }
         (&Method::GET, Some(name)) => Ok(full(StatusCode::OK, &store.get(&key(name))?)),
-        (&Method::POST, None) => Ok(full(StatusCode::CREATED, &store.create(t.resource, &ns, parse_json(body)?)?)),
+        (&Method::POST, None) => {
+            let mut object = parse_json(call.body)?;
+            record_update(t, call, None, &mut object);
+            Ok(full(StatusCode::CREATED, &store.create(t.resource, &ns, object)?))
+        }
         (&Method::PUT, Some(name)) => {
-            Ok(full(StatusCode::OK, &store.replace(&key(name), t.part, parse_json(body)?, true)?))
+            let mut object = parse_json(call.body)?;
+            let current = store.get(&key(name))?;
+            record_update(t, call, Some(&current), &mut object);
+            Ok(full(StatusCode::OK, &store.replace(&key(name), t.part, object, true)?))
         }
-        (&Method::PATCH, Some(name)) => patch(store, t, &key(name), q, content_type, body),
-        (&Method::DELETE, Some(name)) => Ok(full(StatusCode::OK, &store.delete(&key(name))?)),
+        (&Method::PATCH, Some(name)) => patch::patch(store, t, &key(name), call),
+        (&Method::DELETE, Some(name)) => Ok(full(StatusCode::OK, &store.delete_with(&key(name), propagation(call)?)?)),
         (m, _) => Err(Status::refused(405, "MethodNotAllowed", format!("{m} is not supported here"))),
-    }
-}
-
-/// The `/scale` subresource: an `autoscaling/v1` Scale read from, and written to, the object.
-fn scale(
-    store: &Arc<Store>,
-    key: &Key,
-    paths: resources::ScalePaths,
-    method: &Method,
-    content_type: &str,
-    body: &[u8],
-) -> Result<Response<Body>, Status> {
-    let view = |object: &Value| {
-        let selector = match object.pointer(paths.selector) {
-            Some(Value::Object(labels)) => {
-                labels.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(",")
-            }
-            Some(Value::String(s)) => s.clone(),
-            _ => String::new(),
-        };
-        json!({
-            "apiVersion": "autoscaling/v1",
-            "kind": "Scale",
-            "metadata": {
-                "name": object.pointer("/metadata/name"),
-                "namespace": object.pointer("/metadata/namespace"),
-                "uid": object.pointer("/metadata/uid"),
-                "resourceVersion": object.pointer("/metadata/resourceVersion"),
-                "creationTimestamp": object.pointer("/metadata/creationTimestamp"),
-            },
-            "spec": {"replicas": object.pointer(paths.spec_replicas).cloned().unwrap_or(json!(0))},
-            "status": {"replicas": object.pointer(paths.status_replicas).cloned().unwrap_or(json!(0)), "selector": selector},
-        })
-    };
-    let current = store.get(key)?;
-    if *method == Method::GET {
-        return Ok(full(StatusCode::OK, &view(&current)));
-    }
-    let mut requested = view(&current);
-    match (method, content_type) {
-        (&Method::PUT, _) => requested = parse_json(body)?,
-        (&Method::PATCH, ct) if ct.starts_with("application/json-patch+json") => {
-            requested = jsonpatch::apply(&requested, &parse_json(body)?)
-                .map_err(|e| Status::refused(422, "Invalid", e.to_string()))?;
-        }
-        (&Method::PATCH, _) => merge(&mut requested, &parse_json(body)?),
-        (m, _) => return Err(Status::refused(405, "MethodNotAllowed", format!("{m} is not supported on /scale"))),
-    }
-    let replicas = requested
-        .pointer("/spec/replicas")
-        .and_then(Value::as_i64)
-        .filter(|r| *r >= 0)
-        .ok_or_else(|| Status::invalid(key.resource, &key.name, "spec.replicas", "must be a whole number >= 0"))?;
-    let mut object = current;
-    if let Some(slot) = object.pointer_mut(paths.spec_replicas) {
-        *slot = json!(replicas);
-    } else {
-        let mut patch = json!({});
-        let mut cursor = &mut patch;
-        for token in paths.spec_replicas.trim_start_matches('/').split('/') {
-            cursor = &mut cursor[token];
-        }
-        *cursor = json!(replicas);
-        merge(&mut object, &patch);
-    }
-    let updated = store.replace(key, Part::Main, object, false)?;
-    Ok(full(StatusCode::OK, &view(&updated)))
-}
-
-/// RFC 7386 JSON merge patch.
-pub fn merge(target: &mut Value, patch: &Value) {
-    match (target.as_object_mut(), patch.as_object()) {
-        (Some(t), Some(p)) => {
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        _ => *target = patch.clone(),
-    }
-}
-
-fn patch(
-    store: &Arc<Store>,
-    t: &Target,
-    key: &Key,
-    q: &str,
-    content_type: &str,
-    body: &[u8],
-) -> Result<Response<Body>, Status> {
-    let patch = parse_json(body)?;
-    if content_type.starts_with("application/json-patch+json") {
-        let current = store.get(key)?;
-        let patched = jsonpatch::apply(&current, &patch).map_err(|e| Status::refused(422, "Invalid", e.to_string()))?;
-        return Ok(full(StatusCode::OK, &store.replace(key, t.part, patched, false)?));
-    }
-    let apply = content_type.starts_with("application/apply-patch");
-    if !apply
-        && !content_type.starts_with("application/merge-patch+json")
-        && !content_type.starts_with("application/strategic-merge-patch+json")
-    {
-        return Err(Status::refused(
-            415,
-            "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format: {content_type}"),
-        ));
-    }
-    if apply && query(q, "fieldManager").is_none_or(|m| m.is_empty()) {
-        return Err(Status::invalid(
-            t.resource,
-            &key.name,
-            "fieldManager",
-            "Required value: is required for apply patch",
-        ));
-    }
-    match store.get(key) {
-        Ok(mut current) => {
-            let rv = current.pointer("/metadata/resourceVersion").cloned();
-            merge(&mut current, &patch);
-            // A patch carries no resourceVersion unless it asks for a precondition.
-            if patch.pointer("/metadata/resourceVersion").is_none() {
-                current["metadata"]["resourceVersion"] = rv.unwrap_or(Value::Null);
-            }
-            Ok(full(StatusCode::OK, &store.replace(key, t.part, current, false)?))
-        }
-        Err(e) if apply && t.part == Part::Main && e.code == 404 => {
-            Ok(full(StatusCode::CREATED, &store.create(t.resource, &key.namespace, patch)?))
-        }
-        Err(e) => Err(e),
-    }
-}
-
-fn watch(store: &Arc<Store>, t: &Target, q: &str) -> Result<Response<Body>, Status> {
-    let timeout = query(q, "timeoutSeconds").and_then(|s| s.parse().ok()).map_or(DEFAULT_WATCH, Duration::from_secs);
-    let labels = query(q, "labelSelector").unwrap_or_default();
-    let fields = query(q, "fieldSelector").unwrap_or_default();
-    let from: u64 = query(q, "resourceVersion").and_then(|s| s.parse().ok()).unwrap_or(0);
-    let resource = t.resource;
-    let namespace = t.namespace.clone();
-    let mut live = store.subscribe();
-    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(256);
-    let keep = move |key: &Key, object: &Value| {
-        *key.resource == *resource
-            && namespace.as_deref().is_none_or(|ns| key.namespace == ns)
-            && label_match(&labels, object)
-            && field_match(&fields, object)
-    };
-    let line = |kind: &str, object: &Value| {
-        Ok(Frame::data(Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))))
-    };
-    // Replay first: from history, or every object as ADDED when no version is given.
-    let (replay, mut last) = if from == 0 {
-        let (items, rv) = store.list(resource, t.namespace.as_deref(), |_| true);
-        let events = items
-            .into_iter()
-            .filter_map(|o| {
-                let key = Key {
-                    resource,
-                    namespace: o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_owned(),
-                    name: o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_owned(),
-                };
-                keep(&key, &o).then(|| line("ADDED", &o))
-            })
-            .collect::<Vec<_>>();
-        (events, rv)
-    } else {
-        match store.since(from) {
-            Ok(events) => {
-                let last = events.last().map_or(from, |e| e.rv);
-                (
-                    events
-                        .iter()
-                        .filter(|e| keep(&e.key, &e.object))
-                        .map(|e| line(e.change.as_str(), &e.object))
-                        .collect(),
-                    last,
-                )
-            }
-            Err(gone) => (vec![line("ERROR", &gone.to_json())], u64::MAX),
-        }
-    };
-    tokio::spawn(async move {
-        for frame in replay {
-            if tx.send(frame).await.is_err() {
-                return;
-            }
-        }
-        if last == u64::MAX {
-            return;
-        }
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => return,
-                _ = tx.closed() => return,
-                event = live.recv() => match event {
-                    Ok(e) if e.rv > last => {
-                        last = e.rv;
-                        if keep(&e.key, &e.object) && tx.send(line(e.change.as_str(), &e.object)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    // Fell behind the broadcast: end the watch; the client resumes from `last`.
-                    Err(_) => return,
-                },
-            }
-        }
-    });
-    let mut resp = Response::new(StreamBody::new(Frames(rx)).boxed());
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-    Ok(resp)
-}
-
-/// A watch's frames, as the stream a streaming body reads.
-struct Frames(mpsc::Receiver<Result<Frame<Bytes>, Infallible>>);
-
-impl futures_core::Stream for Frames {
-    type Item = Result<Frame<Bytes>, Infallible>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.0.poll_recv(cx)
     }
 }

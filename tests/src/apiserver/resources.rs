@@ -1,4 +1,12 @@
 //! The resources the double serves: what each is called and which subresources it has.
+//!
+//! Built-in kinds are listed here by hand; custom resources are read from their
+//! CustomResourceDefinition (today the InferencePool CRD that `inferpool-crds` generates), which
+//! also gives their OpenAPI schema for [`super::schema`]. The table is built once, on first use.
+
+use std::sync::OnceLock;
+
+use serde_json::Value;
 
 /// One served resource type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,8 +65,8 @@ const fn r(
     Resource { group, version, kind, plural, namespaced, status, scale }
 }
 
-/// Every resource served.
-pub const RESOURCES: &[Resource] = &[
+/// The built-in resources served (custom resources come from CRDs, see [`all`]).
+pub const BUILTIN: &[Resource] = &[
     r("", "v1", "Namespace", "namespaces", false, true, None),
     r("", "v1", "Pod", "pods", true, true, None),
     r("", "v1", "Service", "services", true, true, None),
@@ -70,10 +78,115 @@ pub const RESOURCES: &[Resource] = &[
     r("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", true, true, None),
     r("coordination.k8s.io", "v1", "Lease", "leases", true, false, None),
     r("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, false, None),
-    r("inferpool.dev", "v1alpha1", "InferencePool", "inferencepools", true, true, None),
 ];
+
+/// Every resource served, with the structural schema of those that have one.
+struct Table {
+    resources: Vec<Resource>,
+    /// `openAPIV3Schema` of a served CRD version, by index into `resources`.
+    schemas: Vec<(usize, Value)>,
+}
+
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = Table { resources: BUILTIN.to_vec(), schemas: Vec::new() };
+        for crd in crds() {
+            match from_crd(&crd) {
+                Ok(served) => {
+                    for (resource, schema) in served {
+                        table.schemas.push((table.resources.len(), schema));
+                        table.resources.push(resource);
+                    }
+                }
+                // The CRDs are generated at build time; a broken one is a bug, reported and skipped.
+                Err(e) => tracing::error!(error = %e, "CustomResourceDefinition not served"),
+            }
+        }
+        table
+    })
+}
+
+/// The CRDs installed at start.
+fn crds() -> Vec<Value> {
+    use kube::CustomResourceExt;
+    match serde_json::to_value(inferpool_crds::InferencePool::crd()) {
+        Ok(crd) => vec![crd],
+        Err(e) => {
+            tracing::error!(error = %e, "InferencePool CRD does not serialize");
+            Vec::new()
+        }
+    }
+}
+
+/// Why a CRD cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error("CustomResourceDefinition {name}: {problem}")]
+pub struct CrdError {
+    name: String,
+    problem: String,
+}
+
+/// `.spec.replicas.count` (a CRD's JSON path) as a JSON pointer, leaked: the table lives for the
+/// whole process and is built once.
+fn pointer(path: &str) -> &'static str {
+    let p = path.trim_start_matches('.').replace('.', "/");
+    Box::leak(format!("/{p}").into_boxed_str())
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_owned().into_boxed_str())
+}
+
+/// The resources an `apiextensions.k8s.io/v1` CustomResourceDefinition serves (one per served
+/// version), each with its schema. Its names are leaked to live as long as the process: call it
+/// once per CRD (the table does, at first use).
+pub fn from_crd(crd: &Value) -> Result<Vec<(Resource, Value)>, CrdError> {
+    let name = crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_owned();
+    let err = |problem: &str| CrdError { name: name.clone(), problem: problem.to_owned() };
+    let text = |p: &str| crd.pointer(p).and_then(Value::as_str).ok_or_else(|| err(&format!("no {p}")));
+    let group = leak(text("/spec/group")?);
+    let kind = leak(text("/spec/names/kind")?);
+    let plural = leak(text("/spec/names/plural")?);
+    let namespaced = text("/spec/scope")? == "Namespaced";
+    let versions = crd.pointer("/spec/versions").and_then(Value::as_array).ok_or_else(|| err("no versions"))?;
+    let mut out = Vec::new();
+    for v in versions.iter().filter(|v| v.get("served").and_then(Value::as_bool).unwrap_or(true)) {
+        let version = leak(v.get("name").and_then(Value::as_str).ok_or_else(|| err("a version without a name"))?);
+        let status = v.pointer("/subresources/status").is_some();
+        let scale = match v.pointer("/subresources/scale") {
+            Some(s) => {
+                let path = |k: &str| s.get(k).and_then(Value::as_str);
+                Some(ScalePaths {
+                    spec_replicas: pointer(
+                        path("specReplicasPath").ok_or_else(|| err("scale without specReplicasPath"))?,
+                    ),
+                    status_replicas: pointer(
+                        path("statusReplicasPath").ok_or_else(|| err("scale without statusReplicasPath"))?,
+                    ),
+                    selector: pointer(path("labelSelectorPath").unwrap_or(".status.selector")),
+                })
+            }
+            None => None,
+        };
+        let schema = v.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(Value::Null);
+        out.push((Resource { group, version, kind, plural, namespaced, status, scale }, schema));
+    }
+    Ok(out)
+}
+
+/// Every resource served: the built-in ones and those of the installed CRDs.
+pub fn all() -> &'static [Resource] {
+    &table().resources
+}
 
 /// The resource served at `group/version/plural`.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
-    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+    all().iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The structural schema objects of `resource` are validated against, when it has one.
+pub fn schema(resource: &Resource) -> Option<&'static Value> {
+    let t = table();
+    t.schemas.iter().find(|(i, _)| t.resources.get(*i) == Some(resource)).map(|(_, s)| s).filter(|s| !s.is_null())
 }

@@ -1,7 +1,11 @@
 //! Objects in memory, with the bookkeeping the Kubernetes API promises: one global, monotonic
 //! `resourceVersion`; `uid` and `creationTimestamp` on create; `generation` bumped on spec changes
 //! only; optimistic concurrency on replace; finalizers and `deletionTimestamp`; background garbage
-//! collection through `ownerReferences`; and a history of changes that watches resume from.
+//! collection through `ownerReferences` (background, foreground and orphan propagation); and a
+//! history of changes that watches resume from. Custom resources are pruned, defaulted and
+//! validated against their schema ([`super::schema`]) on every write, whatever its path.
+//! [`Store::snapshot`] and [`Store::restore`] carry the objects and the resourceVersion counter
+//! across restarts ([`super::persist`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,7 +15,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
 use super::error::Status;
-use super::resources::Resource;
+use super::persist::{RestoreError, Snapshot, Stored};
+use super::resources::{self, Resource};
+use super::schema;
 
 /// Changes kept for watches to resume from; an older `resourceVersion` gets 410 Gone.
 const HISTORY: usize = 4096;
@@ -93,7 +99,24 @@ impl Default for Store {
     }
 }
 
-fn now() -> String {
+/// How a delete treats the objects that name the deleted one in their `ownerReferences`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Propagation {
+    /// The owner goes at once; its dependents are deleted after it.
+    #[default]
+    Background,
+    /// The owner gets `deletionTimestamp` and the `foregroundDeletion` finalizer and goes once
+    /// its dependents with `blockOwnerDeletion` are gone; dependents are deleted first.
+    Foreground,
+    /// Dependents lose their reference to the owner and stay.
+    Orphan,
+}
+
+/// The finalizer that holds an owner in foreground deletion.
+const FOREGROUND: &str = "foregroundDeletion";
+
+/// The current time in RFC 3339, as timestamps in objects carry it.
+pub fn now() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     // RFC 3339 in UTC from unix seconds (civil-from-days, Howard Hinnant's algorithm).
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -121,6 +144,50 @@ fn meta(obj: &mut Value) -> &mut Map<String, Value> {
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj.get("metadata")?.get(field)?.as_str()
+}
+
+/// Prunes, defaults and validates an object of a resource with a schema: 422 when invalid.
+fn admit(resource: &Resource, name: &str, mut object: Value) -> Result<Value, Status> {
+    if resource.group.is_empty() && resource.kind == "Secret" {
+        fold_string_data(&mut object);
+    }
+    let Some(schema) = resources::schema(resource) else { return Ok(object) };
+    let causes = schema::admit(schema, &mut object);
+    if causes.is_empty() { Ok(object) } else { Err(Status::invalid_causes(resource, name, &causes)) }
+}
+
+/// A Secret's write-only `stringData` is merged into `data` (base64) and never stored, as the
+/// real API server does.
+fn fold_string_data(secret: &mut Value) {
+    use base64::Engine as _;
+    let Some(Value::Object(strings)) = secret.as_object_mut().and_then(|o| o.remove("stringData")) else { return };
+    let data = secret.as_object_mut().map(|o| o.entry("data").or_insert_with(|| json!({})));
+    if let Some(Value::Object(data)) = data {
+        for (key, value) in strings {
+            let text = value.as_str().unwrap_or_default().to_owned();
+            data.insert(key, Value::String(base64::engine::general_purpose::STANDARD.encode(text)));
+        }
+    }
+}
+
+fn uid_of(obj: &Value) -> &str {
+    meta_str(obj, "uid").unwrap_or("")
+}
+
+fn owner_refs(obj: &Value) -> impl Iterator<Item = &Value> {
+    obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).into_iter().flatten()
+}
+
+fn owned_by(obj: &Value, uid: &str) -> bool {
+    !uid.is_empty() && owner_refs(obj).any(|r| r.get("uid").and_then(Value::as_str) == Some(uid))
+}
+
+fn finalizers(obj: &Value) -> impl Iterator<Item = &str> {
+    obj.pointer("/metadata/finalizers").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str)
+}
+
+fn resource_id(r: &Resource) -> String {
+    format!("{}/{}/{}", r.group, r.version, r.plural)
 }
 
 impl Store {
@@ -182,7 +249,18 @@ impl Store {
         m.insert("creationTimestamp".into(), Value::String(now()));
         m.insert("generation".into(), json!(1));
         m.remove("deletionTimestamp");
-        Ok(self.commit(&mut inner, key, Change::Added, object))
+        let object = admit(resource, &key.name, object)?;
+        let owners: Vec<String> =
+            owner_refs(&object).filter_map(|r| r.get("uid").and_then(Value::as_str)).map(str::to_owned).collect();
+        let orphaned = !owners.is_empty() && !inner.objects.values().any(|v| owners.iter().any(|u| u == uid_of(v)));
+        let object = self.commit(&mut inner, key.clone(), Change::Added, object);
+        drop(inner);
+        if orphaned {
+            // Every owner is already gone (a client raced the owner's deletion): the garbage
+            // collector removes such an object, as the real one does.
+            let _ = self.delete_background(&key);
+        }
+        Ok(object)
     }
 
     /// The object at `key`.
@@ -239,7 +317,7 @@ impl Store {
             }
             _ => {}
         }
-        let merged = merge_parts(key.resource, part, &old, new);
+        let merged = admit(key.resource, &key.name, merge_parts(key.resource, part, &old, new))?;
         if merged == old {
             return Ok(old);
         }
@@ -249,44 +327,156 @@ impl Store {
         Ok(object)
     }
 
-    /// Deletes an object: at once, or by setting `deletionTimestamp` when finalizers remain.
-    /// Dependents (by ownerReference uid) are deleted too, as the background policy does.
+    /// Deletes an object with the background policy: at once, or by setting `deletionTimestamp`
+    /// when finalizers remain. Dependents (by ownerReference uid) are deleted after it.
     pub fn delete(&self, key: &Key) -> Result<Value, Status> {
+        self.delete_with(key, Propagation::Background)
+    }
+
+    /// Deletes an object, treating its dependents as `policy` says.
+    pub fn delete_with(&self, key: &Key, policy: Propagation) -> Result<Value, Status> {
+        match policy {
+            Propagation::Background => self.delete_background(key),
+            Propagation::Orphan => {
+                let uid = uid_of(&self.get(key)?).to_owned();
+                let mut inner = self.lock();
+                let dependents = Self::dependents(&inner, &uid);
+                for (k, mut dependent) in dependents {
+                    if let Some(Value::Array(refs)) = dependent.pointer_mut("/metadata/ownerReferences") {
+                        refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid.as_str()));
+                    }
+                    self.commit(&mut inner, k, Change::Modified, dependent);
+                }
+                drop(inner);
+                self.delete_background(key)
+            }
+            Propagation::Foreground => {
+                let mut inner = self.lock();
+                let mut old =
+                    inner.objects.get(key).cloned().ok_or_else(|| Status::not_found(key.resource, &key.name))?;
+                if finalizers(&old).any(|f| f == FOREGROUND) {
+                    return Ok(old);
+                }
+                let m = meta(&mut old);
+                if !m.contains_key("deletionTimestamp") {
+                    m.insert("deletionTimestamp".into(), Value::String(now()));
+                }
+                match m.get_mut("finalizers") {
+                    Some(Value::Array(f)) => f.push(json!(FOREGROUND)),
+                    _ => {
+                        m.insert("finalizers".into(), json!([FOREGROUND]));
+                    }
+                }
+                let uid = uid_of(&old).to_owned();
+                let pending = self.commit(&mut inner, key.clone(), Change::Modified, old);
+                let dependents = Self::dependents(&inner, &uid);
+                drop(inner);
+                for (k, _) in dependents {
+                    let _ = self.delete_background(&k);
+                }
+                self.settle_foreground(key);
+                Ok(self.get(key).unwrap_or(pending))
+            }
+        }
+    }
+
+    /// The objects owned by `uid`.
+    fn dependents(inner: &Inner, uid: &str) -> Vec<(Key, Value)> {
+        inner.objects.iter().filter(|(_, v)| owned_by(v, uid)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn delete_background(&self, key: &Key) -> Result<Value, Status> {
         let mut inner = self.lock();
         let mut old = inner.objects.get(key).cloned().ok_or_else(|| Status::not_found(key.resource, &key.name))?;
-        let finalizers = old.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
-        if finalizers {
+        if finalizers(&old).next().is_some() {
             if meta_str(&old, "deletionTimestamp").is_some() {
                 return Ok(old);
             }
             meta(&mut old).insert("deletionTimestamp".into(), Value::String(now()));
             return Ok(self.commit(&mut inner, key.clone(), Change::Modified, old));
         }
-        let uid = meta_str(&old, "uid").unwrap_or_default().to_owned();
+        let uid = uid_of(&old).to_owned();
+        let owner_uids: Vec<String> =
+            owner_refs(&old).filter_map(|r| r.get("uid").and_then(Value::as_str)).map(str::to_owned).collect();
         let gone = self.commit(&mut inner, key.clone(), Change::Deleted, old);
-        let dependents: Vec<Key> = inner
+        let dependents = Self::dependents(&inner, &uid);
+        // Owners waiting in foreground deletion for this dependent may go now.
+        let owners: Vec<Key> = inner
             .objects
             .iter()
-            .filter(|(_, v)| {
-                v.pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .is_some_and(|refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str())))
-            })
+            .filter(|(_, v)| owner_uids.iter().any(|u| u == uid_of(v)) && finalizers(v).any(|f| f == FOREGROUND))
             .map(|(k, _)| k.clone())
             .collect();
         drop(inner);
-        for dependent in dependents {
-            let _ = self.delete(&dependent);
+        for (dependent, _) in dependents {
+            let _ = self.delete_background(&dependent);
+        }
+        for owner in owners {
+            self.settle_foreground(&owner);
         }
         Ok(gone)
     }
 
+    /// Ends a foreground deletion once no dependent with `blockOwnerDeletion` is left.
+    fn settle_foreground(&self, key: &Key) {
+        let mut inner = self.lock();
+        let Some(mut owner) = inner.objects.get(key).cloned() else { return };
+        let uid = uid_of(&owner).to_owned();
+        let blocked = inner.objects.values().any(|v| {
+            owner_refs(v).any(|r| {
+                r.get("uid").and_then(Value::as_str) == Some(uid.as_str())
+                    && r.get("blockOwnerDeletion").and_then(Value::as_bool) == Some(true)
+            })
+        });
+        if blocked || !finalizers(&owner).any(|f| f == FOREGROUND) {
+            return;
+        }
+        if let Some(Value::Array(f)) = owner.pointer_mut("/metadata/finalizers") {
+            f.retain(|f| f != FOREGROUND);
+        }
+        self.commit(&mut inner, key.clone(), Change::Modified, owner);
+        drop(inner);
+        self.finish_deletion_if_done(key);
+    }
+
+    /// Every object and the counters, for [`Store::restore`].
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        let objects = inner
+            .objects
+            .iter()
+            .map(|(k, v)| Stored {
+                resource: resource_id(k.resource),
+                namespace: k.namespace.clone(),
+                name: k.name.clone(),
+                object: v.clone(),
+            })
+            .collect();
+        Snapshot { resource_version: inner.rv, uids: inner.uids, objects }
+    }
+
+    /// Replaces everything with a snapshot's objects and counters; watch history starts empty,
+    /// so a watch from an older resourceVersion gets 410 and re-lists.
+    pub fn restore(&self, snapshot: Snapshot) -> Result<(), RestoreError> {
+        let mut objects = BTreeMap::new();
+        for s in snapshot.objects {
+            let mut parts = s.resource.splitn(3, '/');
+            let (g, v, p) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let resource = resources::find(g, v, p).ok_or_else(|| RestoreError::new(&s.resource, &s.name))?;
+            objects.insert(Key { resource, namespace: s.namespace, name: s.name }, s.object);
+        }
+        let mut inner = self.lock();
+        inner.objects = objects;
+        inner.rv = snapshot.resource_version;
+        inner.uids = snapshot.uids;
+        inner.history.clear();
+        Ok(())
+    }
+
     /// Removes an object being deleted once its last finalizer is gone.
     fn finish_deletion_if_done(&self, key: &Key) {
-        let done = self.get(key).is_ok_and(|o| {
-            meta_str(&o, "deletionTimestamp").is_some()
-                && o.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(|f| f.is_empty())
-        });
+        let done =
+            self.get(key).is_ok_and(|o| meta_str(&o, "deletionTimestamp").is_some() && finalizers(&o).next().is_none());
         if done {
             let _ = self.delete(key);
         }
@@ -301,6 +491,10 @@ fn merge_parts(resource: &Resource, part: Part, old: &Value, new: Value) -> Valu
         Part::Status => {
             let mut o = old.clone();
             o["status"] = new.get("status").cloned().unwrap_or(Value::Null);
+            // Field ownership of a status write comes with it.
+            if let Some(managed) = new.pointer("/metadata/managedFields") {
+                meta(&mut o).insert("managedFields".into(), managed.clone());
+            }
             return keep_system_metadata(old, o);
         }
         Part::Main => new,

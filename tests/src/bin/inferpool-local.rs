@@ -1,12 +1,15 @@
 //! `inferpool-local`: the local control plane as a process, for running the operator (or kubectl)
-//! against it by hand. Test infrastructure, not a product.
+//! against it by hand, and `apply -f` / `delete -f` to feed it manifests. Test infrastructure,
+//! not a product.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use inferpool_tests::apiserver::ApiServer;
+use inferpool_tests::apiserver::persist::Saver;
+use inferpool_tests::apply::{self, Client};
 use inferpool_tests::kubelet::{Kubelet, Mode};
 
 /// A local Kubernetes API double and kubelet double.
@@ -37,6 +40,31 @@ enum Command {
         /// connections to ADDRESS go round robin to the Service's ready endpoints. Repeatable.
         #[arg(long)]
         proxy: Vec<String>,
+        /// Keep the objects in this file: loaded at start, saved on changes and at shutdown.
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+    },
+    /// Server-side applies every object of a multi-document YAML file, as `kubectl apply
+    /// --server-side --force-conflicts` does.
+    Apply {
+        /// The manifest file.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// The kubeconfig (default: $KUBECONFIG, else ~/.kube/config).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// The field manager the objects are applied as.
+        #[arg(long, default_value = "inferpool-local")]
+        field_manager: String,
+    },
+    /// Deletes every object of a multi-document YAML file.
+    Delete {
+        /// The manifest file.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// The kubeconfig (default: $KUBECONFIG, else ~/.kube/config).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
     },
 }
 
@@ -57,7 +85,15 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Up { kubeconfig: path, mode, sidecar_bin, listen, proxy } = Cli::parse().command;
+    let (path, mode, sidecar_bin, listen, proxy, state_file) = match Cli::parse().command {
+        Command::Up { kubeconfig, mode, sidecar_bin, listen, proxy, state_file } => {
+            (kubeconfig, mode, sidecar_bin, listen, proxy, state_file)
+        }
+        Command::Apply { file, kubeconfig, field_manager } => {
+            return manifests(&file, kubeconfig, Some(&field_manager)).await;
+        }
+        Command::Delete { file, kubeconfig } => return manifests(&file, kubeconfig, None).await,
+    };
     let mode = match mode.as_str() {
         "fake" => Mode::Fake,
         "process" => {
@@ -72,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("--listen {listen}"))?;
     let server = ApiServer::start(listener)?;
+    let saver = state_file.map(|f| Saver::start(Arc::clone(&server.store), f)).transpose()?;
     let kubelet = Kubelet::start(Arc::clone(&server.store), mode)?;
     for spec in proxy {
         let (addr, target) = spec.split_once('=').context("--proxy: expected ADDRESS=NAMESPACE/SERVICE")?;
@@ -88,7 +125,40 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("stopping: killing every pod's process");
-    drop(kubelet);
+    kubelet.shutdown().await;
+    saver.map(Saver::finish).transpose()?;
     drop(server);
+    Ok(())
+}
+
+/// Applies (with a field manager) or deletes the objects in `file`, printing one line per object
+/// as kubectl does; every object is tried, and any failure makes the exit status non-zero.
+async fn manifests(file: &Path, kubeconfig: Option<PathBuf>, apply_as: Option<&str>) -> anyhow::Result<()> {
+    let kubeconfig = match kubeconfig {
+        Some(k) => k,
+        None => PathBuf::from(std::env::var_os("HOME").context("no --kubeconfig, $KUBECONFIG or $HOME")?)
+            .join(".kube/config"),
+    };
+    let mut client = Client::new(apply::read_kubeconfig(&kubeconfig)?);
+    let objects = apply::read_manifests(file)?;
+    let mut failed = 0;
+    for (i, object) in objects.iter().enumerate() {
+        let done = match apply_as {
+            Some(manager) => client.apply(object, manager).await.map(|(name, how)| format!("{name} {}", how.as_str())),
+            None => client.delete(object).await.map(|name| format!("{name} deleted")),
+        };
+        match done {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                failed += 1;
+                let what =
+                    object.pointer("/metadata/name").and_then(serde_json::Value::as_str).map_or(String::new(), |n| {
+                        format!(" ({}/{n})", object.get("kind").and_then(serde_json::Value::as_str).unwrap_or("?"))
+                    });
+                eprintln!("error: {}: document {}{what}: {e}", file.display(), i + 1);
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {} objects in {} failed", objects.len(), file.display());
     Ok(())
 }

@@ -1,25 +1,41 @@
-//! A kubelet double: keeps one Pod per Deployment replica and Deployment status true.
+//! A kubelet double, with the Deployment and EndpointSlice controllers it needs: keeps Pods for
+//! each Deployment's replicas, runs them, and keeps Deployment status and EndpointSlices true.
 //!
-//! It works on the API server double's store directly (it is part of the same control plane).
-//! Every Pod gets its own loopback IP (127.0.0.2, 127.0.0.3, ...), so Pod IPs are distinct as in
-//! a cluster. In [`Mode::Fake`] a Pod is Running and Ready as soon as it exists. In
-//! [`Mode::Process`] each Pod runs the real sidecar binary with its container's args and env,
-//! listening on the Pod's IP (`INFERPOOL_LISTEN` / `INFERPOOL_ADMIN_LISTEN` are set to the pod IP
-//! and the container's `http` / `admin` ports), and becomes Ready when the sidecar's `/readyz`
-//! answers 200; deleting the Pod kills its process. A Deployment whose pod template changed gets
-//! its Pods replaced; Pods deleted by someone else come back; a deleted Deployment's Pods go with
-//! it (ownerReference garbage collection).
+//! It works on the API server double's store directly (it is part of the same control plane) and
+//! reconciles after every change to a Deployment, Pod or Service. Every Pod gets its own loopback
+//! IP (127.0.0.2, 127.0.0.3, ...), so Pod IPs are distinct as in a cluster.
+//!
+//! - [`rollout`]: which pods to create and delete for a Deployment's strategy, and its status.
+//! - [`pods`]: in [`Mode::Process`], one task per Pod runs the real sidecar as the Pod's
+//!   container: environment from [`env`], volume mounts stood in for by [`volumes`], probes from
+//!   [`probes`], restarts with back-off.
+//! - [`endpoints`]: one EndpointSlice per Service.
+//!
+//! In [`Mode::Fake`] a Pod is Running and Ready as soon as it exists.
 
-use std::collections::HashMap;
+mod endpoints;
+pub mod env;
+mod pods;
+pub mod probes;
+pub mod rollout;
+pub mod volumes;
+
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
 
 use crate::apiserver::resources;
 use crate::apiserver::store::{Key, Part, Store};
+use pods::{PodCtx, PodHandle};
+use rollout::{PodInfo, Strategy};
 
 /// How Pods run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,72 +45,124 @@ pub enum Mode {
     /// Each Pod runs this sidecar binary.
     Process {
         /// The `inferpool-sidecar` binary.
-        sidecar: std::path::PathBuf,
+        sidecar: PathBuf,
     },
+}
+
+/// Tunables of the kubelet double.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The first wait before restarting a container that died; it doubles on every restart.
+    pub crash_backoff: Duration,
+    /// The longest wait between restarts.
+    pub crash_backoff_cap: Duration,
+}
+
+impl Default for Options {
+    /// 1 s doubling up to 30 s: the kubelet's 10 s to 5 min is too slow for a local loop.
+    fn default() -> Self {
+        Options { crash_backoff: Duration::from_secs(1), crash_backoff_cap: Duration::from_secs(30) }
+    }
 }
 
 /// The running kubelet double.
 pub struct Kubelet {
-    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Kubelet {
+    /// Without [`Kubelet::shutdown`], pods' processes are killed as their tasks are dropped.
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
 impl Kubelet {
-    /// Starts reconciling Deployments in `store` into Pods.
+    /// Starts reconciling Deployments in `store` into Pods, with default [`Options`].
     pub fn start(store: Arc<Store>, mode: Mode) -> std::io::Result<Kubelet> {
+        Kubelet::start_with(store, mode, Options::default())
+    }
+
+    /// Starts reconciling Deployments in `store` into Pods.
+    pub fn start_with(store: Arc<Store>, mode: Mode, options: Options) -> std::io::Result<Kubelet> {
         let root = tempfile::Builder::new().prefix("inferpool-local-").tempdir()?;
+        tracing::info!(dir = %root.path().display(), "pods' directories; a sidecar logs to NAMESPACE/POD/sidecar.log");
+        let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut events = store.subscribe();
-            let mut state = State { mode, next_ip: 0, procs: HashMap::new(), store: Arc::clone(&store), root };
+            let mut state =
+                State { mode, options, setpriv: find_setpriv(), pods: HashMap::new(), store: Arc::clone(&store), root };
             loop {
                 state.reconcile();
-                state.reconcile_endpoints();
-                // Reconcile again after any change to a Deployment or a Pod; its own writes come
-                // back here too and settle, since a reconcile with nothing to do writes nothing.
-                loop {
-                    match events.recv().await {
-                        Ok(e) if matches!(e.key.resource.kind, "Deployment" | "Pod" | "Service") => break,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    }
+                endpoints::reconcile(&state.store);
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    more = relevant_change(&mut events) => if !more { break },
                 }
             }
+            state.shutdown().await;
         });
-        Ok(Kubelet { task })
+        Ok(Kubelet { stop, task: Some(task) })
+    }
+
+    /// Stops every pod, waiting until each process is killed and reaped.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
+
+/// Waits for a change to a Deployment, Pod or Service (or missed events); false when the store
+/// is gone. The kubelet's own writes come back here too and settle, since a reconcile with
+/// nothing to do writes nothing.
+async fn relevant_change(events: &mut broadcast::Receiver<Arc<crate::apiserver::store::Event>>) -> bool {
+    loop {
+        match events.recv().await {
+            Ok(e) if matches!(e.key.resource.kind, "Deployment" | "Pod" | "Service") => return true,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return true,
+            Err(broadcast::error::RecvError::Closed) => return false,
+        }
+    }
+}
+
+/// `setpriv` from util-linux, if on the PATH: run through it with `--pdeathsig KILL`, a sidecar
+/// is killed by the kernel when the kubelet dies, even by SIGKILL.
+fn find_setpriv() -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("setpriv")).find(|p| p.is_file())
+}
+
+/// The offset from 127.0.0.1 of the next pod address (127.0.0.1 is left to the host).
+static NEXT_IP: AtomicU32 = AtomicU32::new(1);
 
 struct State {
     mode: Mode,
-    /// The last address handed out; 127.0.0.1 is left to the host.
-    next_ip: u32,
-    /// Sidecar processes by (namespace, pod name); dropping one kills it.
-    procs: HashMap<(String, String), Proc>,
+    options: Options,
+    setpriv: Option<PathBuf>,
+    /// Pod tasks by (namespace, pod name), in process mode; dropping one stops its pod.
+    pods: HashMap<(String, String), PodHandle>,
     store: Arc<Store>,
-    /// Each pod's working directory (its container filesystem) lives below; removed on drop.
+    /// Pods' directories (`<namespace>/<pod>`) and claims' (`claims/<namespace>/<claim>`).
     root: tempfile::TempDir,
 }
 
-/// A pod's sidecar process and the task that watches it.
-struct Proc {
-    _child: tokio::process::Child,
-    watcher: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.watcher.abort();
-    }
-}
-
-fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+/// The string at `pointer` in `v`, or "".
+pub(crate) fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+/// The container the sidecar stands in for: the one named `sidecar`, else the first.
+pub(crate) fn main_container(pod: &Value) -> Value {
+    let containers = pod.pointer("/spec/containers").and_then(Value::as_array);
+    containers
+        .and_then(|cs| cs.iter().find(|c| c.get("name").and_then(Value::as_str) == Some("sidecar")).or(cs.first()))
+        .cloned()
+        .unwrap_or(json!({}))
 }
 
 /// A short, stable hash of a pod template, as Kubernetes labels pods with.
@@ -110,10 +178,36 @@ fn owned_by(pod: &Value, uid: &str) -> bool {
         .is_some_and(|refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid)))
 }
 
+/// Whether a pod's Ready condition is True.
+pub(crate) fn is_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
+        c.iter().any(|c| {
+            c.get("type").and_then(Value::as_str) == Some("Ready")
+                && c.get("status").and_then(Value::as_str) == Some("True")
+        })
+    })
+}
+
 impl State {
-    fn ip(&mut self) -> String {
-        self.next_ip += 1;
-        Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + self.next_ip).to_string()
+    /// The next loopback address whose `ports` are free. Addresses are counted process-wide, so
+    /// kubelets in one process (tests) never share one; taken ports skip an address another
+    /// process (another `inferpool-local`) uses.
+    fn ip(&mut self, ports: &[u16]) -> String {
+        loop {
+            let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + n);
+            if !matches!(self.mode, Mode::Process { .. })
+                || ports.iter().all(|p| std::net::TcpListener::bind((ip, *p)).is_ok())
+            {
+                return ip.to_string();
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        for (_, pod) in self.pods.drain() {
+            pod.stop().await;
+        }
     }
 
     fn reconcile(&mut self) {
@@ -125,123 +219,44 @@ impl State {
             return;
         };
         let (all_pods, _) = store.list(pods, None, |_| true);
-        let alive: std::collections::HashSet<(String, String)> = all_pods
+        let alive: HashSet<(String, String)> = all_pods
             .iter()
             .map(|p| (str_at(p, "/metadata/namespace").to_owned(), str_at(p, "/metadata/name").to_owned()))
             .collect();
-        self.procs.retain(|k, _| alive.contains(k));
+        // A deleted pod's task stops: its process is killed and its directory removed.
+        self.pods.retain(|k, _| alive.contains(k));
         for d in store.list(deployments, None, |_| true).0 {
             if d.pointer("/metadata/deletionTimestamp").is_some() {
                 continue;
             }
             let (ns, name, uid) =
                 (str_at(&d, "/metadata/namespace"), str_at(&d, "/metadata/name"), str_at(&d, "/metadata/uid"));
-            let want = d.pointer("/spec/replicas").and_then(Value::as_u64).unwrap_or(1) as usize;
+            let replicas = d.pointer("/spec/replicas").and_then(Value::as_u64).unwrap_or(1) as usize;
             let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
             let hash = template_hash(&template);
-            let mut mine: Vec<&Value> = all_pods.iter().filter(|p| owned_by(p, uid)).collect();
-            // Pods of an older template are replaced.
-            for old in mine.iter().filter(|p| str_at(p, "/metadata/labels/pod-template-hash") != hash) {
-                let _ = store.delete(&Key {
-                    resource: pods,
-                    namespace: ns.to_owned(),
-                    name: str_at(old, "/metadata/name").to_owned(),
-                });
+            let strategy = Strategy::of(&d, replicas);
+            let infos = |pods: &[Value]| -> Vec<PodInfo> {
+                pods.iter()
+                    .filter(|p| owned_by(p, uid))
+                    .map(|p| PodInfo {
+                        name: str_at(p, "/metadata/name").to_owned(),
+                        updated: str_at(p, "/metadata/labels/pod-template-hash") == hash,
+                        ready: is_ready(p),
+                    })
+                    .collect()
+            };
+            let plan = rollout::plan(replicas, strategy, &infos(&all_pods));
+            for victim in plan.delete {
+                let _ = store.delete(&Key { resource: pods, namespace: ns.to_owned(), name: victim });
             }
-            mine.retain(|p| str_at(p, "/metadata/labels/pod-template-hash") == hash);
-            mine.sort_by_key(|p| str_at(p, "/metadata/name").to_owned());
-            for extra in mine.iter().skip(want) {
-                let _ = store.delete(&Key {
-                    resource: pods,
-                    namespace: ns.to_owned(),
-                    name: str_at(extra, "/metadata/name").to_owned(),
-                });
-            }
-            for _ in mine.len()..want {
+            for _ in 0..plan.create {
                 self.create_pod(store, pods, &d, &template, &hash);
             }
-            let (now, _) = store.list(pods, Some(ns), |p| owned_by(p, uid));
-            let ready = now.iter().filter(|p| is_ready(p)).count();
-            let status = json!({"status": {
-                "observedGeneration": d.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
-                "replicas": now.len(),
-                "updatedReplicas": now.iter().filter(|p| str_at(p, "/metadata/labels/pod-template-hash") == hash).count(),
-                "readyReplicas": ready,
-                "availableReplicas": ready,
-                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
-            }});
+            let (now, _) = store.list(pods, Some(ns), |_| true);
+            let status = rollout::status(&d, replicas, strategy, &infos(&now));
             let key = Key { resource: deployments, namespace: ns.to_owned(), name: name.to_owned() };
-            if d.get("status").is_none_or(|s| *s != status["status"]) {
-                let _ = store.replace(&key, Part::Status, status, false);
-            }
-        }
-    }
-
-    /// Keeps one EndpointSlice per Service with a selector: its pods' IPs, ready or not, and the
-    /// Service's ports (at their target port).
-    fn reconcile_endpoints(&self) {
-        let store = &*self.store;
-        let (Some(services), Some(pods), Some(slices)) = (
-            resources::find("", "v1", "services"),
-            resources::find("", "v1", "pods"),
-            resources::find("discovery.k8s.io", "v1", "endpointslices"),
-        ) else {
-            return;
-        };
-        for svc in store.list(services, None, |_| true).0 {
-            let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object).filter(|s| !s.is_empty())
-            else {
-                continue;
-            };
-            let (ns, name) = (str_at(&svc, "/metadata/namespace"), str_at(&svc, "/metadata/name"));
-            let matches =
-                |p: &Value| selector.iter().all(|(k, v)| p.pointer(&format!("/metadata/labels/{k}")) == Some(v));
-            let (mut members, _) = store.list(pods, Some(ns), |p| matches(p) && p.pointer("/status/podIP").is_some());
-            members.sort_by_key(|p| str_at(p, "/metadata/name").to_owned());
-            let endpoints: Vec<Value> = members
-                .iter()
-                .map(|p| {
-                    let ready = is_ready(p) && p.pointer("/metadata/deletionTimestamp").is_none();
-                    json!({
-                        "addresses": [str_at(p, "/status/podIP")],
-                        "conditions": {"ready": ready, "serving": ready, "terminating": false},
-                        "targetRef": {"kind": "Pod", "namespace": ns, "name": str_at(p, "/metadata/name"), "uid": str_at(p, "/metadata/uid")},
-                    })
-                })
-                .collect();
-            let ports: Vec<Value> = svc
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|p| {
-                    let port = p.get("targetPort").filter(|t| t.is_number()).or_else(|| p.get("port")).cloned();
-                    json!({"name": p.get("name").cloned().unwrap_or(json!("")), "port": port, "protocol": "TCP"})
-                })
-                .collect();
-            let slice = json!({
-                "metadata": {
-                    "name": name,
-                    "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "inferpool-local"},
-                    "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": name, "uid": str_at(&svc, "/metadata/uid"), "controller": true}],
-                },
-                "addressType": "IPv4",
-                "endpoints": endpoints,
-                "ports": ports,
-            });
-            let key = Key { resource: slices, namespace: ns.to_owned(), name: name.to_owned() };
-            match store.get(&key) {
-                Ok(current)
-                    if current.get("endpoints") == slice.get("endpoints")
-                        && current.get("ports") == slice.get("ports") => {}
-                Ok(mut current) => {
-                    current["endpoints"] = slice["endpoints"].clone();
-                    current["ports"] = slice["ports"].clone();
-                    let _ = store.replace(&key, Part::Main, current, false);
-                }
-                Err(_) => {
-                    let _ = store.create(slices, ns, slice);
-                }
+            if d.get("status") != Some(&status) {
+                let _ = store.replace(&key, Part::Status, json!({ "status": status }), false);
             }
         }
     }
@@ -271,112 +286,45 @@ impl State {
         });
         let ns = str_at(d, "/metadata/namespace");
         let Ok(created) = store.create(pods, ns, pod) else { return };
-        let ip = self.ip();
+        let container = main_container(&created);
+        let ports = [
+            probes::named_port(&container, "http").unwrap_or(8080),
+            probes::named_port(&container, "admin").unwrap_or(9090),
+        ];
+        let ip = self.ip(&ports);
         let key = Key { resource: pods, namespace: ns.to_owned(), name: str_at(&created, "/metadata/name").to_owned() };
-        match self.mode.clone() {
-            Mode::Fake => set_pod_status(store, &key, &ip, "Running", true),
+        let status = |ready: bool, state: Value| {
+            pods::pod_status(
+                &ip,
+                if ready { "Running" } else { "Pending" },
+                ready,
+                json!([{
+                    "name": str_at(&container, "/name"), "image": str_at(&container, "/image"), "imageID": "",
+                    "ready": ready, "started": ready, "restartCount": 0, "state": state, "lastState": {},
+                }]),
+            )
+        };
+        match &self.mode {
+            Mode::Fake => {
+                let _ =
+                    store.replace(&key, Part::Status, json!({"status": status(true, json!({"running": {}}))}), false);
+            }
             Mode::Process { sidecar } => {
-                set_pod_status(store, &key, &ip, "Pending", false);
-                let dir = self.root.path().join(&key.namespace).join(&key.name);
-                match std::fs::create_dir_all(&dir).and_then(|()| spawn_sidecar(&sidecar, &created, &ip, &dir)) {
-                    Ok((child, port)) => {
-                        let watcher = tokio::spawn(watch_ready(Arc::clone(&self.store), key.clone(), ip, port));
-                        self.procs.insert((key.namespace.clone(), key.name.clone()), Proc { _child: child, watcher });
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = key.name, error = %e, "cannot start the sidecar");
-                        set_pod_status(store, &key, &ip, "Failed", false);
-                    }
-                }
+                let waiting = json!({"waiting": {"reason": "ContainerCreating"}});
+                let _ = store.replace(&key, Part::Status, json!({"status": status(false, waiting)}), false);
+                let ctx = PodCtx {
+                    store: Arc::clone(&self.store),
+                    dir: self.root.path().join(&key.namespace).join(&key.name),
+                    claims: self.root.path().join("claims"),
+                    key: key.clone(),
+                    pod: created,
+                    ip,
+                    sidecar: sidecar.clone(),
+                    setpriv: self.setpriv.clone(),
+                    options: self.options,
+                };
+                self.pods.insert((key.namespace, key.name), PodHandle::start(ctx));
             }
         }
     }
-}
-
-fn is_ready(pod: &Value) -> bool {
-    pod.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
-        c.iter().any(|c| {
-            c.get("type").and_then(Value::as_str) == Some("Ready")
-                && c.get("status").and_then(Value::as_str) == Some("True")
-        })
-    })
-}
-
-fn set_pod_status(store: &Store, key: &Key, ip: &str, phase: &str, ready: bool) {
-    let flag = if ready { "True" } else { "False" };
-    let status = json!({"status": {
-        "phase": phase,
-        "podIP": ip,
-        "podIPs": [{"ip": ip}],
-        "hostIP": "127.0.0.1",
-        "conditions": [
-            {"type": "PodScheduled", "status": "True"},
-            {"type": "Initialized", "status": "True"},
-            {"type": "ContainersReady", "status": flag},
-            {"type": "Ready", "status": flag},
-        ],
-    }});
-    let _ = store.replace(key, Part::Status, status, false);
-}
-
-/// A container port by name, or a default.
-fn port(container: &Value, name: &str, default: u16) -> u16 {
-    container
-        .get("ports")
-        .and_then(Value::as_array)
-        .and_then(|ports| ports.iter().find(|p| p.get("name").and_then(Value::as_str) == Some(name)))
-        .and_then(|p| p.get("containerPort").and_then(Value::as_u64))
-        .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or(default)
-}
-
-/// Starts the pod's first container as a sidecar process on the pod's IP; returns it and its API port.
-fn spawn_sidecar(
-    bin: &std::path::Path,
-    pod: &Value,
-    ip: &str,
-    dir: &std::path::Path,
-) -> std::io::Result<(tokio::process::Child, u16)> {
-    let container = pod.pointer("/spec/containers/0").cloned().unwrap_or(json!({}));
-    let (http, admin) = (port(&container, "http", 8080), port(&container, "admin", 9090));
-    let mut cmd = tokio::process::Command::new(bin);
-    for arg in container.get("args").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
-        cmd.arg(arg);
-    }
-    for var in container.get("env").and_then(Value::as_array).into_iter().flatten() {
-        if let (Some(name), Some(value)) =
-            (var.get("name").and_then(Value::as_str), var.get("value").and_then(Value::as_str))
-        {
-            cmd.env(name, value);
-        }
-    }
-    cmd.env("INFERPOOL_LISTEN", format!("{ip}:{http}"))
-        .env("INFERPOOL_ADMIN_LISTEN", format!("{ip}:{admin}"))
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    Ok((cmd.spawn()?, http))
-}
-
-/// Marks the pod Ready once its sidecar answers `/readyz` with 200 (the readiness probe).
-async fn watch_ready(store: Arc<Store>, key: Key, ip: String, port: u16) {
-    let mut probe = tokio::time::interval(std::time::Duration::from_millis(100));
-    loop {
-        probe.tick().await;
-        if readyz(&ip, port).await {
-            set_pod_status(&store, &key, &ip, "Running", true);
-            return;
-        }
-    }
-}
-
-async fn readyz(ip: &str, port: u16) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect((ip, port)).await else { return false };
-    let req = format!("GET /readyz HTTP/1.1\r\nhost: {ip}\r\nconnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).await.is_ok() && head.starts_with(b"HTTP/1.1 200")
 }

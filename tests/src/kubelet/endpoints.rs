@@ -1,0 +1,74 @@
+//! EndpointSlices: one per Service with a selector, listing the matching pods' IPs with their
+//! readiness and the Service's ports at their numeric `targetPort`, as the EndpointSlice
+//! controller keeps them.
+
+use serde_json::{Value, json};
+
+use super::{is_ready, str_at};
+use crate::apiserver::resources;
+use crate::apiserver::store::{Key, Part, Store};
+
+/// Brings every Service's EndpointSlice in line with its pods.
+pub(crate) fn reconcile(store: &Store) {
+    let (Some(services), Some(pods), Some(slices)) = (
+        resources::find("", "v1", "services"),
+        resources::find("", "v1", "pods"),
+        resources::find("discovery.k8s.io", "v1", "endpointslices"),
+    ) else {
+        return;
+    };
+    for svc in store.list(services, None, |_| true).0 {
+        let Some(selector) = svc.pointer("/spec/selector").and_then(Value::as_object).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let (ns, name) = (str_at(&svc, "/metadata/namespace"), str_at(&svc, "/metadata/name"));
+        let matches = |p: &Value| selector.iter().all(|(k, v)| p.pointer(&format!("/metadata/labels/{k}")) == Some(v));
+        let (mut members, _) = store.list(pods, Some(ns), |p| matches(p) && p.pointer("/status/podIP").is_some());
+        members.sort_by_key(|p| str_at(p, "/metadata/name").to_owned());
+        let endpoints: Vec<Value> = members
+            .iter()
+            .map(|p| {
+                let ready = is_ready(p) && p.pointer("/metadata/deletionTimestamp").is_none();
+                json!({
+                    "addresses": [str_at(p, "/status/podIP")],
+                    "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                    "targetRef": {"kind": "Pod", "namespace": ns, "name": str_at(p, "/metadata/name"), "uid": str_at(p, "/metadata/uid")},
+                })
+            })
+            .collect();
+        let ports: Vec<Value> = svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let port = p.get("targetPort").filter(|t| t.is_number()).or_else(|| p.get("port")).cloned();
+                json!({"name": p.get("name").cloned().unwrap_or(json!("")), "port": port, "protocol": "TCP"})
+            })
+            .collect();
+        let slice = json!({
+            "metadata": {
+                "name": name,
+                "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "inferpool-local"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": name, "uid": str_at(&svc, "/metadata/uid"), "controller": true}],
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": ports,
+        });
+        let key = Key { resource: slices, namespace: ns.to_owned(), name: name.to_owned() };
+        match store.get(&key) {
+            Ok(current)
+                if current.get("endpoints") == slice.get("endpoints") && current.get("ports") == slice.get("ports") => {
+            }
+            Ok(mut current) => {
+                current["endpoints"] = slice["endpoints"].clone();
+                current["ports"] = slice["ports"].clone();
+                let _ = store.replace(&key, Part::Main, current, false);
+            }
+            Err(_) => {
+                let _ = store.create(slices, ns, slice);
+            }
+        }
+    }
+}

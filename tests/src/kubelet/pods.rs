@@ -1,0 +1,348 @@
+//! One task per pod in process mode, doing what a kubelet's pod worker does for its container:
+//! resolve the environment (waiting, with `CreateContainerConfigError`, for a missing ConfigMap
+//! or Secret to appear), start the sidecar, run the startup, readiness and liveness probes,
+//! restart the process when it exits or fails its liveness probe (with a doubling, capped
+//! back-off, `CrashLoopBackOff` while waiting) and report all of it in the pod's status.
+//!
+//! The task stops when its [`PodHandle`] is stopped or dropped: it kills and reaps the process
+//! and removes the pod's directory (its emptyDir volumes with it).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+use super::env::{self, Source};
+use super::probes::{Probe, Tracker, named_port};
+use super::volumes::{self, Mount};
+use super::{Options, main_container, str_at};
+use crate::apiserver::resources;
+use crate::apiserver::store::{Event, Key, Part, Store};
+
+/// What a pod's task needs.
+pub(crate) struct PodCtx {
+    pub store: Arc<Store>,
+    pub key: Key,
+    pub pod: Value,
+    pub ip: String,
+    /// The pod's directory: its working directory and its emptyDir volumes.
+    pub dir: PathBuf,
+    /// Where claim directories live.
+    pub claims: PathBuf,
+    pub sidecar: PathBuf,
+    /// `setpriv`, when found: it makes the kernel kill the sidecar when the kubelet dies.
+    pub setpriv: Option<PathBuf>,
+    pub options: Options,
+}
+
+/// A running pod task; stopping or dropping it stops the pod.
+pub(crate) struct PodHandle {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodHandle {
+    /// Starts the pod's task.
+    pub fn start(ctx: PodCtx) -> PodHandle {
+        let (stop, stopped) = watch::channel(false);
+        PodHandle { stop, task: tokio::spawn(supervise(ctx, stopped)) }
+    }
+
+    /// Stops the pod and waits until its process is reaped and its directory removed.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Resolves when asked to stop (or when the handle is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// What the pod's status says about its container.
+#[derive(Debug, Clone)]
+struct Report {
+    started_once: bool,
+    started: bool,
+    ready: bool,
+    restarts: u32,
+    state: Value,
+    last_state: Value,
+}
+
+impl Report {
+    fn waiting(&mut self, reason: &str, message: String) {
+        self.started = false;
+        self.ready = false;
+        self.state = json!({"waiting": {"reason": reason, "message": message}});
+    }
+}
+
+fn write(ctx: &PodCtx, name: &str, image: &str, r: &Report) {
+    let phase = if r.started_once { "Running" } else { "Pending" };
+    let status = pod_status(
+        &ctx.ip,
+        phase,
+        r.ready,
+        json!([{
+            "name": name,
+            "image": image,
+            "imageID": "",
+            "ready": r.ready,
+            "started": r.started,
+            "restartCount": r.restarts,
+            "state": r.state,
+            "lastState": r.last_state,
+        }]),
+    );
+    let _ = ctx.store.replace(&ctx.key, Part::Status, json!({ "status": status }), false);
+}
+
+/// A pod's status with these container statuses.
+pub(crate) fn pod_status(ip: &str, phase: &str, ready: bool, containers: Value) -> Value {
+    let flag = if ready { "True" } else { "False" };
+    json!({
+        "phase": phase,
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "hostIP": "127.0.0.1",
+        "conditions": [
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "ContainersReady", "status": flag},
+            {"type": "Ready", "status": flag},
+        ],
+        "containerStatuses": containers,
+    })
+}
+
+/// The data of ConfigMap or Secret `name` in `namespace`, if it exists.
+fn lookup(store: &Store, namespace: &str, source: Source, name: &str) -> Option<BTreeMap<String, String>> {
+    let resource = match source {
+        Source::ConfigMap => resources::find("", "v1", "configmaps"),
+        Source::Secret => resources::find("", "v1", "secrets"),
+    }?;
+    let object = store.get(&Key { resource, namespace: namespace.to_owned(), name: name.to_owned() }).ok()?;
+    Some(env::data(source, &object))
+}
+
+/// Resolves when a ConfigMap or Secret in `namespace` changes (or events were missed).
+async fn config_changed(events: &mut broadcast::Receiver<Arc<Event>>, namespace: &str) {
+    loop {
+        match events.recv().await {
+            Ok(e) if matches!(e.key.resource.kind, "ConfigMap" | "Secret") && e.key.namespace == namespace => return,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+/// How a run of the process ended.
+enum Ended {
+    Exited(std::process::ExitStatus),
+    Unhealthy(Option<std::process::ExitStatus>),
+}
+
+async fn supervise(ctx: PodCtx, mut stop: watch::Receiver<bool>) {
+    let container = main_container(&ctx.pod);
+    let (name, image) = (str_at(&container, "/name").to_owned(), str_at(&container, "/image").to_owned());
+    let mounts = volumes::mounts(&ctx.pod, &container, &ctx.dir, &ctx.claims);
+    let mut report = Report {
+        started_once: false,
+        started: false,
+        ready: false,
+        restarts: 0,
+        state: json!({"waiting": {"reason": "ContainerCreating"}}),
+        last_state: json!({}),
+    };
+    let mut backoff = ctx.options.crash_backoff;
+    loop {
+        // The environment, resolved again before every start as a kubelet does.
+        let env = loop {
+            let mut changes = ctx.store.subscribe();
+            let resolved =
+                env::resolve(&ctx.pod, &ctx.ip, &container, |s, n| lookup(&ctx.store, &ctx.key.namespace, s, n));
+            match resolved {
+                Ok(env) => break env,
+                Err(e) => {
+                    report.waiting("CreateContainerConfigError", e.to_string());
+                    write(&ctx, &name, &image, &report);
+                    tokio::select! {
+                        () = stopped(&mut stop) => return cleanup(&ctx),
+                        () = config_changed(&mut changes, &ctx.key.namespace) => {}
+                    }
+                }
+            }
+        };
+        let began = Instant::now();
+        let ended = match spawn(&ctx, &container, &env, &mounts) {
+            Err(e) => {
+                tracing::warn!(pod = ctx.key.name, error = %e, "cannot start the sidecar");
+                report.waiting("RunContainerError", e.to_string());
+                None
+            }
+            Ok(mut child) => {
+                report.started_once = true;
+                report.state = json!({"running": {}});
+                report.started = container.get("startupProbe").is_none();
+                report.ready = false;
+                write(&ctx, &name, &image, &report);
+                let ended = tokio::select! {
+                    () = stopped(&mut stop) => {
+                        let _ = child.kill().await;
+                        return cleanup(&ctx);
+                    }
+                    status = child.wait() => status.map(Ended::Exited).ok(),
+                    () = probe(&ctx, &container, &name, &image, &mut report) => Some(Ended::Unhealthy(None)),
+                };
+                match ended {
+                    Some(Ended::Unhealthy(_)) => {
+                        let _ = child.start_kill();
+                        Some(Ended::Unhealthy(child.wait().await.ok()))
+                    }
+                    other => other,
+                }
+            }
+        };
+        if let Some(ended) = ended {
+            let (status, reason) = match ended {
+                Ended::Exited(s) if s.success() => (Some(s), "Completed"),
+                Ended::Exited(s) => (Some(s), "Error"),
+                Ended::Unhealthy(s) => (s, "Error"),
+            };
+            let code = status.and_then(|s| s.code()).or_else(|| {
+                use std::os::unix::process::ExitStatusExt;
+                status.and_then(|s| s.signal()).map(|sig| 128 + sig)
+            });
+            report.restarts += 1;
+            report.last_state = json!({"terminated": {"exitCode": code.unwrap_or(137), "reason": reason}});
+            tracing::info!(pod = ctx.key.name, exit = ?code, reason, restarts = report.restarts, "container died");
+        }
+        // A container that ran well for a while starts over with the shortest back-off.
+        if began.elapsed() >= ctx.options.crash_backoff_cap * 2 {
+            backoff = ctx.options.crash_backoff;
+        }
+        let pod = &ctx.key.name;
+        report
+            .waiting("CrashLoopBackOff", format!("back-off {backoff:?} restarting failed container={name} pod={pod}"));
+        write(&ctx, &name, &image, &report);
+        tokio::select! {
+            () = stopped(&mut stop) => return cleanup(&ctx),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(ctx.options.crash_backoff_cap);
+    }
+}
+
+/// Runs the container's probes, writing readiness as it changes; returns when the startup probe
+/// or the liveness probe fails (the container must be restarted).
+async fn probe(ctx: &PodCtx, container: &Value, name: &str, image: &str, report: &mut Report) {
+    if let Some(startup) = Probe::parse(container, "startupProbe") {
+        tokio::time::sleep(startup.initial_delay).await;
+        let mut failures = 0;
+        let mut tick = tokio::time::interval(startup.period);
+        loop {
+            tick.tick().await;
+            if startup.check(&ctx.ip).await {
+                break;
+            }
+            failures += 1;
+            if failures >= startup.failure_threshold {
+                tracing::info!(pod = ctx.key.name, "startup probe failed");
+                return;
+            }
+        }
+        report.started = true;
+        write(ctx, name, image, report);
+    }
+    let readiness = Probe::parse(container, "readinessProbe").unwrap_or_else(|| Probe::default_readiness(container));
+    let liveness = Probe::parse(container, "livenessProbe");
+    let ready = async {
+        tokio::time::sleep(readiness.initial_delay).await;
+        let mut tracker = Tracker::new(false);
+        let mut tick = tokio::time::interval(readiness.period);
+        loop {
+            tick.tick().await;
+            let now = tracker.record(&readiness, readiness.check(&ctx.ip).await);
+            if now != report.ready {
+                report.ready = now;
+                write(ctx, name, image, report);
+            }
+        }
+    };
+    let alive = async {
+        let Some(liveness) = liveness else { return std::future::pending().await };
+        tokio::time::sleep(liveness.initial_delay).await;
+        let mut tracker = Tracker::new(true);
+        let mut tick = tokio::time::interval(liveness.period);
+        loop {
+            tick.tick().await;
+            if !tracker.record(&liveness, liveness.check(&ctx.ip).await) {
+                tracing::info!(pod = ctx.key.name, path = liveness.path, "liveness probe failed; restarting");
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = ready => {}
+        () = alive => {}
+    }
+}
+
+/// Starts the sidecar for `container` with `env`, paths under mounts moved to their directories,
+/// listening on the pod's IP at its `http` and `admin` ports.
+fn spawn(
+    ctx: &PodCtx,
+    container: &Value,
+    env: &BTreeMap<String, String>,
+    mounts: &[Mount],
+) -> std::io::Result<tokio::process::Child> {
+    std::fs::create_dir_all(&ctx.dir)?;
+    for m in mounts {
+        std::fs::create_dir_all(&m.host)?;
+    }
+    let (http, admin) = (named_port(container, "http").unwrap_or(8080), named_port(container, "admin").unwrap_or(9090));
+    let mut cmd = match &ctx.setpriv {
+        Some(setpriv) => {
+            let mut c = tokio::process::Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&ctx.sidecar);
+            c
+        }
+        None => tokio::process::Command::new(&ctx.sidecar),
+    };
+    for arg in container.get("args").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        cmd.arg(volumes::rewrite(&env::expand(arg, |n| env.get(n).cloned()), mounts));
+    }
+    for (k, v) in env {
+        cmd.env(k, volumes::rewrite(v, mounts));
+    }
+    let dir = match container.get("workingDir").and_then(Value::as_str) {
+        Some(w) if !w.is_empty() => PathBuf::from(volumes::rewrite(w, mounts)),
+        _ => ctx.dir.clone(),
+    };
+    // The container's log, as a kubelet keeps it: stdout and stderr appended to one file in the
+    // pod's directory (restarts append), so sidecars do not flood the caller's terminal.
+    let log_path = ctx.dir.join("sidecar.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    tracing::debug!(pod = %ctx.dir.display(), log = %log_path.display(), "starting sidecar");
+    cmd.env("INFERPOOL_LISTEN", format!("{}:{http}", ctx.ip))
+        .env("INFERPOOL_ADMIN_LISTEN", format!("{}:{admin}", ctx.ip))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a terminal's Ctrl-C reaches the kubelet, which stops the pods.
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd.spawn()
+}
+
+/// Removes the pod's directory (its emptyDir volumes; claims live elsewhere).
+fn cleanup(ctx: &PodCtx) {
+    let _ = std::fs::remove_dir_all(&ctx.dir);
+}
