@@ -3,14 +3,18 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run test lint fmt crd bench bench-sidecar bench-cache model clean-model
+.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache model clean-model
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
 	@scripts/setup.sh
 
-## run: the sidecar on 127.0.0.1:8080 (admin 127.0.0.1:9090) serving the default model
+## run: the whole system locally: control plane, operator, examples/cpu-pool.yaml; Ctrl-C stops it
 run: setup
+	scripts/run-local.sh
+
+## run-sidecar: one sidecar on 127.0.0.1:8080 (admin 127.0.0.1:9090) serving the default model
+run-sidecar: setup
 	$(CARGO) run --release -p inferpool-sidecar -- --data-dir .cache/data $(ARGS)
 
 ## test: the whole test suite (Rust and the model scripts)

@@ -187,8 +187,10 @@ async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     status.endpoint = Some(build::endpoint(pool)?);
     status.tuning = Some(tuning);
     status.model = Some(pool.spec.model.uri.clone());
+    // The variant is read back from a replica when none is known yet and whenever a rollout has
+    // just completed (a new template may have picked another variant).
     if rollout.ready > 0
-        && (status.variant.is_none() || changed_generation(pool))
+        && (status.variant.is_none() || (rollout.complete() && !was_settled(pool)))
         && let Some(report) = observe::replica_report(&ctx.client, &namespace, &status.selector).await
     {
         status.model = Some(report.model);
@@ -205,8 +207,12 @@ async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     Ok(if rollout.complete() { Action::requeue(RESYNC) } else { Action::requeue(Duration::from_secs(10)) })
 }
 
-fn changed_generation(pool: &InferencePool) -> bool {
-    pool.status.as_ref().and_then(|s| s.observed_generation) != pool.metadata.generation
+/// Whether the stored status already describes this generation as fully rolled out.
+fn was_settled(pool: &InferencePool) -> bool {
+    let Some(status) = pool.status.as_ref() else { return false };
+    let ready =
+        status.conditions.iter().any(|c| c.type_ == inferpool_crds::pool::condition::READY && c.status == "True");
+    ready && status.observed_generation == pool.metadata.generation
 }
 
 /// Replicas for the Deployment: the floor while autoscaling is on (the autoscaler raises it), the
