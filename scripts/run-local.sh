@@ -29,7 +29,7 @@ PY
 
 pids=()
 cleanup() {
-    trap - EXIT INT TERM
+    trap - EXIT
     echo
     echo "stopping the operator and the control plane (and every sidecar it runs)"
     for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
@@ -37,7 +37,8 @@ cleanup() {
         wait "${pids[i]}" 2>/dev/null || true
     done
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 rm -f "$kubeconfig"
 "$target/inferpool-local" up --kubeconfig "$kubeconfig" --mode process \
@@ -59,13 +60,22 @@ echo "operator: log $state/operator.log"
 echo "waiting for $namespace/$pool to be Ready (the model loads in each replica)..."
 url="$server/apis/inferpool.dev/v1alpha1/namespaces/$namespace/inferencepools/$pool"
 ready() {
-    curl -sf "$url" | python3 -c '
+    curl -sf "$url" 2>/dev/null | python3 -c '
 import json, sys
-status = json.load(sys.stdin).get("status", {})
+try:
+    status = json.load(sys.stdin).get("status", {})
+except ValueError:
+    sys.exit(1)
 ready = [c for c in status.get("conditions", []) if c["type"] == "Ready"]
 sys.exit(0 if ready and ready[0]["status"] == "True" else 1)'
 }
-for _ in $(seq 600); do ready && break; sleep 0.5; done
+for _ in $(seq 600); do
+    ready && break
+    for pid in "${pids[@]}"; do
+        kill -0 "$pid" 2>/dev/null || { echo "a component stopped; see $state/*.log:" >&2; tail -n 5 "$state"/*.log >&2; exit 1; }
+    done
+    sleep 0.5
+done
 ready || { echo "$pool did not become Ready in 5 minutes; see $state/*.log" >&2; exit 1; }
 
 photo="$(ls .cache/venv/lib/python3*/site-packages/skimage/data/chelsea.png 2>/dev/null | head -n 1)"

@@ -122,8 +122,17 @@ pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Ac
     timer.observe_duration();
     let label = result.as_ref().map_or_else(Error::metric_label, |_| "success");
     ctx.metrics.reconciles.with_label_values(&[label]).inc();
-    if result.is_ok() {
-        ctx.failures(&key(&pool), |n| *n = 0);
+    match &result {
+        Ok(_) => {
+            ctx.failures(&key(&pool), |n| *n = 0);
+        }
+        // An invalid spec has its own Event; anything else is said once per distinct message
+        // (the recorder folds repeats into a series).
+        Err(error) if !error.is_permanent() => {
+            let note = error.to_string();
+            publish(&ctx, &pool, event(EventType::Warning, "ReconcileFailed", "Reconcile", note, None)).await;
+        }
+        Err(_) => {}
     }
     result
 }
@@ -186,7 +195,10 @@ async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     status.selector = build::selector_string(&pool.name_any());
     status.endpoint = Some(build::endpoint(pool)?);
     status.tuning = Some(tuning);
-    status.model = Some(pool.spec.model.uri.clone());
+    if status.model.is_none() || pool.status.as_ref().and_then(|s| s.observed_generation) != pool.metadata.generation {
+        // Until a replica of this generation reports the model's name, the spec's URI stands in.
+        status.model = Some(pool.spec.model.uri.clone());
+    }
     // The variant is read back from a replica when none is known yet and whenever a rollout has
     // just completed (a new template may have picked another variant).
     if rollout.ready > 0

@@ -228,7 +228,7 @@ async fn handle(store: &Arc<Store>, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-/// The discovery documents: `/api`, `/apis`, and each group version's resource list.
+/// The discovery documents: `/version`, `/api`, `/apis`, and each group version's resource list.
 fn discovery(path: &str) -> Option<Value> {
     let path = path.trim_end_matches('/');
     let groups = || {
@@ -256,6 +256,12 @@ fn discovery(path: &str) -> Option<Value> {
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": list})
     };
     match path.split('/').collect::<Vec<_>>().as_slice() {
+        // What clients (kubectl version, kube-rs's apiserver_version) read first.
+        ["", "version"] => Some(json!({
+            "major": "1", "minor": "37", "gitVersion": "v1.37.0-inferpool-local",
+            "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "",
+            "compiler": "", "platform": "linux/amd64",
+        })),
         ["", "api"] => Some(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
         ["", "api", "v1"] => Some(resource_list("", "v1")),
         ["", "apis"] => Some(json!({

@@ -1,5 +1,6 @@
 //! EndpointSlices: one per Service with a selector, listing the matching pods' IPs with their
-//! readiness and the Service's ports at their numeric `targetPort`, as the EndpointSlice
+//! readiness and the Service's ports at their `targetPort` (a named one resolved from the pods'
+//! container ports), as the EndpointSlice
 //! controller keeps them.
 
 use serde_json::{Value, json};
@@ -22,7 +23,11 @@ pub(crate) fn reconcile(store: &Store) {
             continue;
         };
         let (ns, name) = (str_at(&svc, "/metadata/namespace"), str_at(&svc, "/metadata/name"));
-        let matches = |p: &Value| selector.iter().all(|(k, v)| p.pointer(&format!("/metadata/labels/{k}")) == Some(v));
+        // Label keys may hold '/' (app.kubernetes.io/name), so they are looked up, not pointed at.
+        let matches = |p: &Value| {
+            let labels = p.pointer("/metadata/labels");
+            selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        };
         let (mut members, _) = store.list(pods, Some(ns), |p| matches(p) && p.pointer("/status/podIP").is_some());
         members.sort_by_key(|p| str_at(p, "/metadata/name").to_owned());
         let endpoints: Vec<Value> = members
@@ -42,7 +47,12 @@ pub(crate) fn reconcile(store: &Store) {
             .into_iter()
             .flatten()
             .map(|p| {
-                let port = p.get("targetPort").filter(|t| t.is_number()).or_else(|| p.get("port")).cloned();
+                let port = match p.get("targetPort") {
+                    Some(Value::String(name)) => members.first().and_then(|pod| container_port(pod, name)),
+                    Some(number) if number.is_number() => Some(number.clone()),
+                    _ => None,
+                }
+                .or_else(|| p.get("port").cloned());
                 json!({"name": p.get("name").cloned().unwrap_or(json!("")), "port": port, "protocol": "TCP"})
             })
             .collect();
@@ -71,4 +81,11 @@ pub(crate) fn reconcile(store: &Store) {
             }
         }
     }
+}
+
+/// The number of a pod's container port called `name` (a Service's named `targetPort`).
+fn container_port(pod: &Value, name: &str) -> Option<Value> {
+    let containers = pod.pointer("/spec/containers").and_then(Value::as_array)?;
+    let ports = containers.iter().filter_map(|c| c.get("ports").and_then(Value::as_array)).flatten();
+    ports.into_iter().find(|p| p.get("name").and_then(Value::as_str) == Some(name))?.get("containerPort").cloned()
 }

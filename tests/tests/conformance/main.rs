@@ -230,6 +230,8 @@ async fn discovery_lists_every_served_resource() {
     let pools = client.list_api_group_resources("inferpool.dev/v1alpha1").await.unwrap();
     let pool_names: Vec<_> = pools.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(pool_names, ["inferencepools", "inferencepools/status", "inferencepools/scale"]);
+    let version = client.apiserver_version().await.unwrap();
+    assert_eq!((version.major.as_str(), version.minor.as_str()), ("1", "37"));
 }
 
 /// The full API error (Status with details) of a failed call.

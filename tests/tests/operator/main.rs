@@ -31,7 +31,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 struct Cluster {
     url: String,
-    _server: ApiServer,
+    server: ApiServer,
     _kubelet: Kubelet,
     client: Client,
 }
@@ -41,7 +41,7 @@ async fn cluster(mode: Mode) -> Cluster {
     let server = ApiServer::start(listener).unwrap();
     let kubelet = Kubelet::start(Arc::clone(&server.store), mode).unwrap();
     let client = Client::try_from(Config::new(server.url().parse().unwrap())).unwrap();
-    Cluster { url: server.url(), _server: server, _kubelet: kubelet, client }
+    Cluster { url: server.url(), server, _kubelet: kubelet, client }
 }
 
 fn sidecar_bin() -> std::path::PathBuf {
@@ -211,6 +211,12 @@ async fn a_pool_becomes_ready_with_real_sidecars_rolls_on_a_model_change_and_is_
     assert_eq!(condition(&ready, "Degraded").map(|c| c.0).as_deref(), Some("False"));
     let first = pods(client, "shop").await;
     assert_eq!(first.len(), 2);
+    // The Service reaches both replicas (what the pool's clients and the local proxy use).
+    let mut endpoints = inferpool_tests::proxy::endpoints(&cluster.server.store, NS, "shop");
+    endpoints.sort();
+    let mut ips: Vec<_> = first.iter().filter_map(|p| Some((p.status.as_ref()?.pod_ip.clone()?, 8080))).collect();
+    ips.sort();
+    assert_eq!(endpoints, ips);
 
     // The variant the sidecars really picked is read back from them.
     let with_variant = wait_for(&pools, "shop", "the variant is known", |p: Option<&InferencePool>| {
@@ -222,7 +228,7 @@ async fn a_pool_becomes_ready_with_real_sidecars_rolls_on_a_model_change_and_is_
     // A change that needs new pods (the optimisation goal picks another variant) rolls them.
     let patch = json!({"spec": {"optimization": "Memory"}});
     pools.patch("shop", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    wait_for(&pools, "shop", "rolled to int8", |p: Option<&InferencePool>| {
+    let rolled = wait_for(&pools, "shop", "rolled to int8", |p: Option<&InferencePool>| {
         p.is_some_and(|p| {
             let s = p.status.as_ref();
             s.is_some_and(|s| s.variant.as_deref() == Some("int8") && s.observed_generation == p.metadata.generation)
@@ -230,6 +236,7 @@ async fn a_pool_becomes_ready_with_real_sidecars_rolls_on_a_model_change_and_is_
         })
     })
     .await;
+    assert_eq!(rolled.status.and_then(|s| s.model).as_deref(), Some("efficientnet-lite0"));
     let second = pods(client, "shop").await;
     let old: Vec<_> = first.iter().map(|p| p.name_any()).collect();
     assert_eq!(second.len(), 2);
