@@ -5,11 +5,13 @@
 //! the operator to read and, behind the default `pool` feature, the `InferencePool` custom resource
 //! and its generated CustomResourceDefinition. The sidecar turns `pool` off, so it never links kube.
 
+pub mod optimization;
 #[cfg(feature = "pool")]
 pub mod pool;
 pub mod sla;
 pub mod tuning;
 
+pub use optimization::Optimization;
 #[cfg(feature = "pool")]
 pub use pool::{InferencePool, InferencePoolSpec, InferencePoolStatus};
 pub use sla::{LatencyQuantiles, SlaReport, TierHitRates, WindowReport};

@@ -151,48 +151,23 @@ impl Variant {
     }
 }
 
-/// The user's trade-off, which picks the variant and graph optimisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Optimization {
-    /// Highest throughput; some accuracy may be traded.
-    Speed,
-    /// Fast with no measurable accuracy loss.
-    #[default]
-    Balanced,
-    /// Full precision, exact graph optimisations only.
-    Accuracy,
-    /// Smallest memory footprint.
-    Memory,
-}
+/// The user's trade-off, which picks the variant and graph optimisation (shared with the
+/// InferencePool spec).
+pub use inferpool_crds::Optimization;
 
-impl std::str::FromStr for Optimization {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "speed" => Ok(Self::Speed),
-            "balanced" => Ok(Self::Balanced),
-            "accuracy" => Ok(Self::Accuracy),
-            "memory" => Ok(Self::Memory),
-            _ => Err(format!("unknown optimization {s:?} (expected Speed, Balanced, Accuracy or Memory)")),
-        }
-    }
-}
-
-impl Optimization {
-    /// Variants in order of preference for this level on a GPU or on the CPU.
-    ///
-    /// fp16 only pays off on GPUs (CPUs up-convert it, which made it 0.7x fp32 here). The default
-    /// model's int8 variant (dynamic quantisation) is the smallest but measured slower than fp32 on
-    /// the CPU, so only Memory picks it there; Speed picks what is fastest. See docs/models.md.
-    pub fn preference(self, gpu: bool) -> &'static [Variant] {
-        use Variant::*;
-        match (self, gpu) {
-            (Optimization::Accuracy, _) => &[Fp32, Fp16, Int8],
-            (Optimization::Balanced, true) | (Optimization::Speed, true) => &[Fp16, Fp32, Int8],
-            (Optimization::Memory, true) => &[Fp16, Fp32, Int8],
-            (Optimization::Balanced, false) | (Optimization::Speed, false) => &[Fp32, Int8, Fp16],
-            (Optimization::Memory, false) => &[Int8, Fp32, Fp16],
-        }
+/// Variants in order of preference for this level on a GPU or on the CPU.
+///
+/// fp16 only pays off on GPUs (CPUs up-convert it, which made it 0.7x fp32 here). The default
+/// model's int8 variant (dynamic quantisation) is the smallest but measured slower than fp32 on
+/// the CPU, so only Memory picks it there; Speed picks what is fastest. See docs/models.md.
+pub fn preference(level: Optimization, gpu: bool) -> &'static [Variant] {
+    use Variant::*;
+    match (level, gpu) {
+        (Optimization::Accuracy, _) => &[Fp32, Fp16, Int8],
+        (Optimization::Balanced, true) | (Optimization::Speed, true) => &[Fp16, Fp32, Int8],
+        (Optimization::Memory, true) => &[Fp16, Fp32, Int8],
+        (Optimization::Balanced, false) | (Optimization::Speed, false) => &[Fp32, Int8, Fp16],
+        (Optimization::Memory, false) => &[Int8, Fp32, Fp16],
     }
 }
 
@@ -288,7 +263,7 @@ impl LoadedCard {
 
     /// Picks the variant for an optimisation level on a GPU or CPU, and returns its resolved path.
     pub fn choose(&self, level: Optimization, gpu: bool) -> (Variant, PathBuf) {
-        let pick = self.pinned.into_iter().chain(level.preference(gpu).iter().copied());
+        let pick = self.pinned.into_iter().chain(preference(level, gpu).iter().copied());
         let (variant, file) = pick
             .filter_map(|want| self.variants().find(|(v, _)| *v == want))
             .next()

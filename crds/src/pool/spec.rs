@@ -9,6 +9,7 @@ use schemars::{Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 use super::InferencePoolStatus;
+pub use crate::Optimization;
 
 /// A pool of model replicas serving one image-matching model within an SLA.
 #[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -102,32 +103,6 @@ impl Default for ModelSpec {
 
 fn default_model_uri() -> String {
     "default".to_owned()
-}
-
-/// What a pool optimises for; each picks a model variant and runtime settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
-pub enum Optimization {
-    /// Lowest latency: fp16 on GPUs, int8 on CPUs.
-    Speed,
-    /// fp32 with full graph optimisation.
-    #[default]
-    Balanced,
-    /// fp32, never a reduced-precision variant.
-    Accuracy,
-    /// Smallest memory footprint: int8.
-    Memory,
-}
-
-impl Optimization {
-    /// The name the sidecar's `INFERPOOL_OPTIMIZATION` takes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Speed => "Speed",
-            Self::Balanced => "Balanced",
-            Self::Accuracy => "Accuracy",
-            Self::Memory => "Memory",
-        }
-    }
 }
 
 /// Replica bounds and the manual count.

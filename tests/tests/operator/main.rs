@@ -44,6 +44,14 @@ async fn cluster(mode: Mode) -> Cluster {
     Cluster { url: server.url(), server, _kubelet: kubelet, client }
 }
 
+/// A cluster with one operator replica (no leader election) and the pools API of its namespace.
+async fn with_operator(mode: Mode) -> (Cluster, Operator, Api<InferencePool>) {
+    let cluster = cluster(mode).await;
+    let operator = Operator::start(&cluster.url, "op-0", None);
+    let pools = Api::namespaced(cluster.client.clone(), NS);
+    (cluster, operator, pools)
+}
+
 fn sidecar_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("inferpool-sidecar");
@@ -197,10 +205,8 @@ fn resource_versions<K: Resource>(objects: &[Option<K>]) -> Vec<Option<String>> 
 
 #[tokio::test]
 async fn a_pool_becomes_ready_with_real_sidecars_rolls_on_a_model_change_and_is_deleted_whole() {
-    let cluster = cluster(Mode::Process { sidecar: sidecar_bin() }).await;
+    let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
     let client = &cluster.client;
-    let _operator = Operator::start(&cluster.url, "op-0", None);
-    let pools: Api<InferencePool> = Api::namespaced(client.clone(), NS);
     let spec = json!({"replicas": {"min": 2, "max": 4}, "cache": {"diskMb": 16}, "sla": {"memoryLimitMb": 2048}});
     pools.create(&PostParams::default(), &pool("shop", spec)).await.unwrap();
 
@@ -258,10 +264,8 @@ async fn a_pool_becomes_ready_with_real_sidecars_rolls_on_a_model_change_and_is_
 
 #[tokio::test]
 async fn invalid_pools_are_refused_or_reported_degraded() {
-    let cluster = cluster(Mode::Fake).await;
+    let (cluster, _operator, pools) = with_operator(Mode::Fake).await;
     let client = &cluster.client;
-    let _operator = Operator::start(&cluster.url, "op-0", None);
-    let pools: Api<InferencePool> = Api::namespaced(client.clone(), NS);
 
     // Out of the schema's range: the API server refuses it with the field path.
     let bad = pool("bad-range", json!({"replicas": {"min": -1}}));
@@ -290,10 +294,8 @@ async fn invalid_pools_are_refused_or_reported_degraded() {
 
 #[tokio::test]
 async fn the_scale_subresource_drives_replicas_when_autoscaling_is_off() {
-    let cluster = cluster(Mode::Fake).await;
+    let (cluster, _operator, pools) = with_operator(Mode::Fake).await;
     let client = &cluster.client;
-    let _operator = Operator::start(&cluster.url, "op-0", None);
-    let pools: Api<InferencePool> = Api::namespaced(client.clone(), NS);
     let spec = json!({"autoscaling": {"enabled": false}, "replicas": {"count": 1}});
     pools.create(&PostParams::default(), &pool("manual", spec)).await.unwrap();
     wait_for(&pools, "manual", "Ready", has_condition("Ready", "True")).await;
@@ -382,10 +384,8 @@ async fn two_operators_elect_one_leader_and_the_standby_takes_over_when_it_dies(
 
 #[tokio::test]
 async fn every_decision_is_explained_by_events_on_the_pool() {
-    let cluster = cluster(Mode::Fake).await;
+    let (cluster, _operator, pools) = with_operator(Mode::Fake).await;
     let client = &cluster.client;
-    let _operator = Operator::start(&cluster.url, "op-0", None);
-    let pools: Api<InferencePool> = Api::namespaced(client.clone(), NS);
     pools.create(&PostParams::default(), &pool("told", json!({}))).await.unwrap();
     wait_for(&pools, "told", "Ready", has_condition("Ready", "True")).await;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
