@@ -1,6 +1,6 @@
 //! The SLA report a replica serves at `/api/v1/metrics/sla` and the operator aggregates.
 //!
-//! One report holds the same statistics over two trailing windows (10 s and 60 s), so a reader can
+//! One report holds the same statistics over three trailing windows (2 s, 10 s and 60 s), so a reader can
 //! tell a burst from a trend without keeping history of its own.
 
 use serde::{Deserialize, Serialize};

@@ -5,6 +5,7 @@
 //! what it sees in the pool's status. A reconcile is a pipeline: dereference -> validate -> build ->
 //! apply -> update_status, where `validate` and `build` are pure functions of the pool.
 
+pub mod autoscale;
 pub mod build;
 pub mod controller;
 pub mod error;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 
 /// Window lengths reported, shortest first.
-pub const WINDOWS: [u32; 2] = [10, 60];
+pub const WINDOWS: [u32; 3] = [2, 10, 60];
 
 /// The SLA report.
 pub fn sla(app: &App) -> SlaReport {

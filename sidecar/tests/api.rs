@@ -68,13 +68,13 @@ async fn every_route_answers_its_happy_path() {
     }
     let sla: SlaReport = serde_json::from_slice(&get(&s.url("/api/v1/metrics/sla")).await.body).unwrap();
     assert_eq!((sla.provider.as_str(), sla.variant.as_str(), sla.ready), ("cpu", "fp32", true));
-    assert_eq!(sla.windows.iter().map(|w| w.seconds).collect::<Vec<_>>(), [10, 60]);
+    assert_eq!(sla.windows.iter().map(|w| w.seconds).collect::<Vec<_>>(), [2, 10, 60]);
     // API traffic counts (embed, 2 profile uploads, 2 profile reads, match, scan); probes,
     // metrics and reports do not.
-    assert_eq!(sla.windows[0].requests, 7);
-    assert!(sla.windows[0].latency_ms.p95 > 0.0 && sla.rss_bytes > 0);
+    assert_eq!(sla.windows[2].requests, 7);
+    assert!(sla.windows[2].latency_ms.p95 > 0.0 && sla.rss_bytes > 0);
     let perf = get(&s.url("/api/v1/metrics/performance")).await.json();
-    assert_eq!(perf["windows"][1]["requests"], 7);
+    assert_eq!(perf["windows"][2]["requests"], 7);
     let ai = get(&s.url("/api/v1/metrics/ai-inference")).await.json();
     assert_eq!((ai["provider"].as_str(), ai["embeddingDim"].as_u64()), (Some("cpu"), Some(1280)));
     // Two distinct images (chelsea, coffee): every repeat was answered by the cache.

@@ -72,6 +72,9 @@ pub struct InferencePoolSpec {
     /// How the operator scales the pool against its SLA.
     #[serde(default)]
     pub autoscaling: AutoscalingSpec,
+    /// Where the autoscaler reads the pool's metrics: the replicas themselves (default) or Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsSpec>,
     /// Sidecar image; the operator's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
@@ -321,7 +324,7 @@ fn default_memory_limit() -> u64 {
 }
 
 /// Autoscaling windows (Knative KPA and HPA v2 semantics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
     /// Scale between `replicas.min` and `replicas.max` on the SLA; off: run `replicas.count`.
@@ -343,6 +346,11 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_scale_down_delay")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_delay_seconds: u32,
+    /// Share of a replica's measured capacity at the SLA that the autoscaler plans to use; the rest
+    /// is headroom for bursts (Knative's target utilisation).
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 0.1, max = 1.0))]
+    pub target_utilization: f64,
 }
 
 impl Default for AutoscalingSpec {
@@ -353,6 +361,7 @@ impl Default for AutoscalingSpec {
             stable_window_seconds: default_stable_window(),
             panic_window_seconds: default_panic_window(),
             scale_down_delay_seconds: default_scale_down_delay(),
+            target_utilization: default_target_utilization(),
         }
     }
 }
@@ -371,6 +380,39 @@ fn default_panic_window() -> u32 {
 
 fn default_scale_down_delay() -> u32 {
     300
+}
+
+fn default_target_utilization() -> f64 {
+    0.7
+}
+
+/// Where the autoscaler reads metrics.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsSpec {
+    /// Read the pool's metrics from Prometheus instead of from each replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSource>,
+}
+
+/// A Prometheus server that scrapes the pool's replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSource {
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring.svc:9090`.
+    #[schemars(regex(pattern = r"^https?://\S+$"))]
+    pub url: String,
+    /// PromQL label matchers that select the pool's replicas' series, without braces; default
+    /// `namespace="<namespace>",pod=~"<pool>-.*"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// The label that names the pod in those series.
+    #[serde(default = "default_pod_label")]
+    pub pod_label: String,
+}
+
+fn default_pod_label() -> String {
+    "pod".to_owned()
 }
 
 /// Extra pod settings merged into every replica's pod.
