@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache model clean-model
+.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache model clean-model autoscaling-plots
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -47,3 +47,7 @@ bench-cache: setup
 ## model: regenerate the default model's variants (after changing convert.py)
 model: setup
 	$(VENV)/python models/effnet_lite0/convert.py --out models/effnet_lite0
+
+## autoscaling-plots: rerun the autoscaler's simulated scenarios and redraw docs/autoscaling/*.svg
+autoscaling-plots:
+	$(CARGO) run -q -p inferpool-operator --example autoscaling_plots

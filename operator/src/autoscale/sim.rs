@@ -1,1 +1,0 @@
-//! A discrete-event simulation of a pool, to drive the policy in tests and plots. (Follows.)
