@@ -3,8 +3,8 @@
 #   .cache/onnxruntime/   libonnxruntime.so* unpacked from the pinned `onnxruntime` wheel (PyPI)
 #   .cache/venv/          Python tools for the model scripts, reference checks and benchmarks
 #   models/effnet_lite0/  the default model's ONNX variants (generated, checked against card.json)
-# and installs redis-server and openssl from Debian when missing. Idempotent: each step is skipped when its
-# result is already there, so a rerun is fast and works offline once it has run once.
+# and installs redis-server, openssl and prometheus from Debian when missing. Idempotent: each step is
+# skipped when its result is already there, so a rerun is fast and works offline once it has run once.
 set -euo pipefail
 
 ORT_VERSION=1.31.1
@@ -51,17 +51,25 @@ PY
   echo "$ORT_VERSION" >"$ort_dir/VERSION"
 fi
 
-# --- redis-server and openssl (Debian) ----------------------------------------------------------
-# The cache tests start their own redis-server; the TLS test makes its certificates with openssl.
+# --- redis-server, openssl and prometheus (Debian) ---------------------------------------------
+# The cache tests start their own redis-server; the TLS test makes its certificates with openssl;
+# the autoscaler's Prometheus-source test starts its own prometheus (on a free port, with a
+# temporary config and TSDB). Only the binaries are used: the packages' services are not started.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${missing[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+    # Where systemd runs, the package starts its own server on :9090 (the sidecar's admin port).
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
   else
-    log "warning: ${missing[*]} not installed (apt-get install ${missing[*]}); the cache tests will fail"
+    log "warning: ${missing[*]} not installed (apt-get install ${missing[*]}); the tests that need them will fail"
   fi
 fi
 

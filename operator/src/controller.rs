@@ -15,7 +15,7 @@ use futures::StreamExt;
 use inferpool_crds::pool::condition::DEGRADED;
 use inferpool_crds::{InferencePool, InferencePoolStatus, Tuning};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -26,11 +26,14 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
 
+use crate::autoscale::runner::{self, Applied, Shared};
 use crate::build::{self, FIELD_MANAGER, Settings};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::observe;
+use crate::pods::{self, HttpClient};
 use crate::status::{self, Rollout};
 use crate::validate::validate;
 
@@ -49,6 +52,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// The operator's metrics.
     pub metrics: Arc<Metrics>,
+    /// HTTP client for the replicas (reports, tuning pushes).
+    pub http: HttpClient,
+    /// The autoscaler's latest decision per pool.
+    pub autoscale: Shared,
     /// Consecutive failures per pool (`namespace/name`), for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -57,7 +64,15 @@ impl Context {
     /// A context for a controller that reports Events as `reporter`.
     pub fn new(client: Client, settings: Settings, reporter: Reporter, metrics: Arc<Metrics>) -> Self {
         let recorder = Recorder::new(client.clone(), reporter);
-        Self { client, settings, recorder, metrics, failures: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            settings,
+            recorder,
+            metrics,
+            http: pods::client(),
+            autoscale: Shared::default(),
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     fn failures(&self, key: &str, update: impl FnOnce(&mut u32)) -> u32 {
@@ -74,34 +89,41 @@ impl Context {
 
 /// Runs the controller over the pools in `namespace` (all namespaces when `None`) until
 /// `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    namespace: Option<&str>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, stopped: watch::Receiver<bool>) {
     let client = ctx.client.clone();
     let pools: Api<InferencePool> = scoped(&client, namespace);
     let config = watcher::Config::default().any_semantic();
     let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=inferpool-operator");
+    let (trigger, triggered) = mpsc::unbounded_channel();
     let controller = Controller::new(pools, config)
         .owns(scoped::<Deployment>(&client, namespace), children.clone())
         .owns(scoped::<Service>(&client, namespace), children.clone())
         .owns(scoped::<ConfigMap>(&client, namespace), children.clone())
         .owns(scoped::<PodDisruptionBudget>(&client, namespace), children)
-        .graceful_shutdown_on(shutdown);
+        .reconcile_on(futures::stream::unfold(triggered, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) }))
+        .graceful_shutdown_on(stop_signal(stopped.clone()));
     let store = controller.store();
+    let autoscaler =
+        runner::run(ctx.clone(), store.clone(), scoped::<Pod>(&client, namespace), trigger, stop_signal(stopped));
     let metrics = ctx.metrics.clone();
-    controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| {
-            metrics.pools.set(i64::try_from(store.len()).unwrap_or(i64::MAX));
-            match result {
-                Ok((pool, _)) => tracing::debug!(pool = %pool, "reconciled"),
-                Err(error) => tracing::debug!(%error, "reconcile did not complete"),
-            }
-            std::future::ready(())
-        })
-        .await;
+    let reconciling = controller.run(reconcile, error_policy, ctx).for_each(|result| {
+        metrics.pools.set(i64::try_from(store.len()).unwrap_or(i64::MAX));
+        match result {
+            Ok((pool, _)) => tracing::debug!(pool = %pool, "reconciled"),
+            Err(error) => tracing::debug!(%error, "reconcile did not complete"),
+        }
+        std::future::ready(())
+    });
+    // The controller ends on shutdown; the autoscaler with it.
+    tokio::select! {
+        () = reconciling => {}
+        () = autoscaler => {}
+    }
+}
+
+/// Resolves once `stopped` says true (or its sender is gone).
+pub async fn stop_signal(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -156,12 +178,14 @@ pub fn backoff(attempt: u32) -> Duration {
     first.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1))).min(cap)
 }
 
-fn key(pool: &InferencePool) -> String {
+/// `namespace/name` of a pool, the key of per-pool state.
+pub fn key(pool: &InferencePool) -> String {
     format!("{}/{}", pool.namespace().unwrap_or_default(), pool.name_any())
 }
 
 async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     let namespace = pool.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    tracing::debug!(pool = %key(pool), "reconciling");
     if pool.metadata.deletion_timestamp.is_some() {
         // The garbage collector removes the children; nothing to do.
         return Ok(Action::await_change());
@@ -175,8 +199,9 @@ async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
 
     // Dereference: the only state beyond the spec is the admin-token Secret, made once.
     ensure_admin_secret(pool, ctx, &namespace).await?;
-    let replicas = desired_replicas(pool);
-    let tuning = desired_tuning(pool);
+    let applied = ctx.autoscale.get(&key(pool));
+    let replicas = desired_replicas(pool, applied.as_ref());
+    let tuning = applied.as_ref().map_or_else(|| desired_tuning(pool), |a| a.decision.tuning);
 
     // Build (pure), then apply.
     let children = build::children(pool, &ctx.settings, replicas, &tuning)?;
@@ -185,6 +210,7 @@ async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     apply(ctx, &namespace, pool, &children.tuning).await?;
     apply(ctx, &namespace, pool, &children.pdb).await?;
 
+    tracing::debug!(pool = %key(pool), replicas, "children applied");
     // Status.
     let rollout = Rollout::of(Some(&deployment), replicas);
     let mut status = pool.status.clone().unwrap_or_default();
@@ -203,14 +229,24 @@ async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     // just completed (a new template may have picked another variant).
     if rollout.ready > 0
         && (status.variant.is_none() || (rollout.complete() && !was_settled(pool)))
-        && let Some(report) = observe::replica_report(&ctx.client, &namespace, &status.selector).await
+        && let Some(report) = observe::replica_report(&ctx.client, &ctx.http, &namespace, &status.selector).await
     {
         status.model = Some(report.model);
         status.variant = Some(report.variant);
     }
     let mut wanted = status::rollout_conditions(&rollout);
-    if !status.conditions.iter().any(|c| c.type_ == inferpool_crds::pool::condition::SLA_COMPLIANT) {
-        wanted.push(status::sla_unknown());
+    match &applied {
+        Some(applied) => {
+            let observed = &applied.decision.observed;
+            status.sla = status::sla_status(observed);
+            status.last_decision = applied.last_change.clone();
+            wanted.push(status::sla_condition(observed, pool.spec.sla.p95_latency_ms));
+            wanted.push(status::anomaly_condition(applied.decision.anomaly.as_deref()));
+        }
+        None if !status.conditions.iter().any(|c| c.type_ == inferpool_crds::pool::condition::SLA_COMPLIANT) => {
+            wanted.push(status::sla_unknown());
+        }
+        None => {}
     }
     let now = Time(Timestamp::now());
     status::set_conditions(&mut status, wanted, pool.metadata.generation, &now);
@@ -227,11 +263,17 @@ fn was_settled(pool: &InferencePool) -> bool {
     ready && status.observed_generation == pool.metadata.generation
 }
 
-/// Replicas for the Deployment: the floor while autoscaling is on (the autoscaler raises it), the
-/// manual count (which the scale subresource sets) when it is off.
-pub fn desired_replicas(pool: &InferencePool) -> i32 {
+/// Replicas for the Deployment. Autoscaling on: the autoscaler's decision, else what the status
+/// last recorded (so a restarted operator keeps the pool's size), else the floor; always within
+/// `[min, max]`. Off: the manual count, which the scale subresource sets.
+pub fn desired_replicas(pool: &InferencePool, applied: Option<&Applied>) -> i32 {
     let replicas = pool.spec.replicas;
-    if pool.spec.autoscaling.enabled { replicas.min } else { replicas.count }
+    if !pool.spec.autoscaling.enabled {
+        return replicas.count;
+    }
+    let decided = applied.and_then(|a| i32::try_from(a.decision.replicas).ok());
+    let recorded = pool.status.as_ref().map(|s| s.desired_replicas).filter(|r| *r > 0);
+    decided.or(recorded).unwrap_or(replicas.min).clamp(replicas.min, replicas.max.max(replicas.min))
 }
 
 /// The tuning to run: what is in force, with the fields the user pinned (auto off) taken from the
@@ -346,6 +388,11 @@ async fn write_status(pool: &InferencePool, pools: &Api<InferencePool>, status: 
 /// different children from being folded into one series.
 fn event(type_: EventType, reason: &str, action: &str, note: String, related: Option<ObjectReference>) -> Event {
     Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: related }
+}
+
+/// Publishes an autoscaler note about the pool.
+pub async fn publish_note(ctx: &Context, pool: &InferencePool, type_: EventType, reason: &str, note: String) {
+    publish(ctx, pool, event(type_, reason, "Autoscale", note, None)).await;
 }
 
 async fn publish(ctx: &Context, pool: &InferencePool, event: Event) {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod pods;
 pub mod server;
 pub mod status;
 pub mod validate;

@@ -123,7 +123,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let (stop, stopped) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, state.clone(), wait(stopped.clone())));
+    let server = tokio::spawn(server::serve(listener, state.clone(), controller::stop_signal(stopped.clone())));
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
@@ -141,7 +141,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Settings { default_image: args.default_image.clone(), image_pull_policy: args.image_pull_policy.clone() };
     let ctx = Arc::new(Context::new(client.clone(), settings, reporter, metrics.clone()));
     let namespace = args.namespace.clone();
-    let reconcile = || controller::run(ctx.clone(), namespace.as_deref(), wait(stopped.clone()));
+    let reconcile = || controller::run(ctx.clone(), namespace.as_deref(), stopped.clone());
     if args.leader_election {
         let lease = LeaseSettings {
             name: args.lease_name.clone(),
@@ -156,10 +156,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let _ = server.await;
     Ok(())
-}
-
-async fn wait(mut stopped: watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stop| *stop).await;
 }
 
 fn default_identity() -> String {

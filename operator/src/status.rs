@@ -6,7 +6,10 @@
 //! writes nothing when nothing changed.
 
 use inferpool_crds::InferencePoolStatus;
-use inferpool_crds::pool::condition::{DEGRADED, PROGRESSING, READY, SLA_COMPLIANT};
+use inferpool_crds::pool::SlaStatus;
+use inferpool_crds::pool::condition::{DEGRADED, PROGRESSING, READY, SLA_ANOMALY, SLA_COMPLIANT};
+
+use crate::autoscale::policy::Observed;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -120,6 +123,55 @@ pub fn sla_unknown() -> Wanted {
     }
 }
 
+/// The status's SLA figures from the autoscaler's observation; none until there was traffic.
+pub fn sla_status(observed: &Observed) -> Option<SlaStatus> {
+    let compliant = observed.compliant?;
+    let round = |x: f64, digits: i32| (x * 10f64.powi(digits)).round() / 10f64.powi(digits);
+    Some(SlaStatus {
+        p95_ms: round(observed.p95_ms, 1),
+        error_rate: round(observed.error_rate, 4),
+        cache_hit_rate: round(observed.cache_hit_rate, 3),
+        rps: round(observed.rps, 1),
+        compliant,
+    })
+}
+
+/// `SLACompliant` from the autoscaler's observation over the stable window.
+pub fn sla_condition(observed: &Observed, target_ms: u32) -> Wanted {
+    let figures = format!(
+        "p95 {:.0} ms (target {target_ms} ms), error rate {:.2}%, cache hit rate {:.0}%, {:.1} rps",
+        observed.p95_ms,
+        observed.error_rate * 100.0,
+        observed.cache_hit_rate * 100.0,
+        observed.rps
+    );
+    match observed.compliant {
+        Some(true) => Wanted { type_: SLA_COMPLIANT, status: "True", reason: "WithinSLA", message: figures },
+        Some(false) => Wanted { type_: SLA_COMPLIANT, status: "False", reason: "SLABreached", message: figures },
+        None => Wanted {
+            type_: SLA_COMPLIANT,
+            status: "Unknown",
+            reason: "NoTraffic",
+            message: "no requests in the stable window to judge".to_owned(),
+        },
+    }
+}
+
+/// `SLAAnomaly`: True while the p95 is outside two standard deviations of its baseline.
+pub fn anomaly_condition(anomaly: Option<&str>) -> Wanted {
+    match anomaly {
+        Some(message) => {
+            Wanted { type_: SLA_ANOMALY, status: "True", reason: "LatencyAnomaly", message: message.to_owned() }
+        }
+        None => Wanted {
+            type_: SLA_ANOMALY,
+            status: "False",
+            reason: "WithinBaseline",
+            message: "p95 within two standard deviations of its baseline".to_owned(),
+        },
+    }
+}
+
 /// Sets one condition, keeping `lastTransitionTime` unless the status flips.
 pub fn set_condition(conditions: &mut Vec<Condition>, wanted: Wanted, generation: Option<i64>, now: &Time) {
     let new = Condition {
@@ -194,6 +246,22 @@ mod tests {
             assert_eq!(get(PROGRESSING), Some(progressing), "{rollout:?}");
             assert_eq!(get(DEGRADED).map(|d| d.0), Some(degraded), "{rollout:?}");
         }
+    }
+
+    #[test]
+    fn sla_figures_and_conditions_follow_the_observation() {
+        let observed =
+            Observed { p95_ms: 812.345, error_rate: 0.01234, cache_hit_rate: 0.7, rps: 240.04, compliant: Some(false) };
+        let sla = sla_status(&observed).unwrap_or_default();
+        assert_eq!((sla.p95_ms, sla.error_rate, sla.rps, sla.compliant), (812.3, 0.0123, 240.0, false));
+        let condition = sla_condition(&observed, 500);
+        assert_eq!((condition.status, condition.reason), ("False", "SLABreached"));
+        assert!(condition.message.starts_with("p95 812 ms (target 500 ms)"), "{}", condition.message);
+        let quiet = Observed { compliant: None, ..observed };
+        assert_eq!(sla_status(&quiet), None);
+        assert_eq!(sla_condition(&quiet, 500).status, "Unknown");
+        assert_eq!(anomaly_condition(Some("p95 900 ms vs 300 +- 50 ms")).status, "True");
+        assert_eq!(anomaly_condition(None).status, "False");
     }
 
     #[test]

@@ -8,4 +8,6 @@
 pub mod apiserver;
 pub mod apply;
 pub mod kubelet;
+pub mod prometheus;
 pub mod proxy;
+pub mod redis;

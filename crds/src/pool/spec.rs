@@ -409,6 +409,14 @@ pub struct PrometheusSource {
     /// The label that names the pod in those series.
     #[serde(default = "default_pod_label")]
     pub pod_label: String,
+    /// How often Prometheus scrapes the replicas, in seconds; rates are taken over four of them.
+    #[serde(default = "default_scrape_interval")]
+    #[schemars(range(min = 1, max = 300))]
+    pub scrape_interval_seconds: u32,
+}
+
+fn default_scrape_interval() -> u32 {
+    15
 }
 
 fn default_pod_label() -> String {

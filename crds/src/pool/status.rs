@@ -86,4 +86,6 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// The observed service level meets the SLA.
     pub const SLA_COMPLIANT: &str = "SLACompliant";
+    /// The p95 latency left its rolling baseline (two standard deviations).
+    pub const SLA_ANOMALY: &str = "SLAAnomaly";
 }

@@ -8,8 +8,11 @@
 //! - The reconciler applies a decision (Deployment replicas, the tuning ConfigMap, status and
 //!   conditions) and the autoscaler pushes the tuning to every ready pod at once.
 
+pub mod collector;
 pub mod history;
 pub mod policy;
+pub mod prometheus;
+pub mod runner;
 pub mod sim;
 
 pub use history::{History, Window};

@@ -92,10 +92,16 @@ fn set(v: &mut Value, path: &[String], value: Value) {
     cursor[last.as_str()] = value;
 }
 
+/// Removes the field at `path`, and then each parent object the removal left empty (the manager
+/// owned the parent through its children, as a real API server's fieldsV1 records it).
 fn remove(v: &mut Value, path: &[String]) {
     let Some((last, parents)) = path.split_last() else { return };
     if let Some(Value::Object(parent)) = parents.iter().try_fold(&mut *v, |v, k| v.get_mut(k)) {
         parent.remove(last);
+        // Top-level parts (metadata, spec, status) stay even when empty.
+        if parent.is_empty() && parents.len() > 1 {
+            remove(v, parents);
+        }
     }
 }
 
@@ -389,7 +395,7 @@ mod tests {
         // `a` drops x and its label: removed; it drops replicas too, but that is b's now.
         let after = apply(Some(&forced), &json!({"spec": {}}), &writer("a"), false).unwrap();
         assert_eq!(after["spec"], json!({"replicas": 2}));
-        assert_eq!(after["metadata"]["labels"], json!({}));
+        assert_eq!(after["metadata"].get("labels"), None, "the emptied labels map goes with its last label");
     }
 
     #[test]

@@ -147,3 +147,18 @@ async fn a_repeated_apply_writes_nothing_and_a_stale_resource_version_conflicts(
     let applied = api.patch("d", &pp, &Patch::Apply(&current)).await.unwrap();
     assert_eq!(applied.spec.replicas, Some(3));
 }
+
+#[tokio::test]
+async fn omitting_a_whole_object_removes_it_not_just_its_fields() {
+    let (_server, client) = start().await;
+    let api: Api<Deployment> = Api::namespaced(client, "default");
+    let pp = PatchParams::apply("op").force();
+    let mut body = deployment(1, json!({}), None);
+    body["spec"]["template"]["metadata"]["annotations"] = json!({"a": "1", "b": "2"});
+    api.patch("d", &pp, &Patch::Apply(&body)).await.unwrap();
+    let without = deployment(1, json!({}), None);
+    let d = api.patch("d", &pp, &Patch::Apply(&without)).await.unwrap();
+    let template = d.spec.template.metadata.unwrap();
+    assert_eq!(template.annotations, None, "an empty annotations map was left behind");
+    assert!(template.labels.is_some(), "the fields still applied stay");
+}

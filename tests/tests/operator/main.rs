@@ -2,6 +2,7 @@
 //! the API server double and the kubelet double, with real sidecar processes where it matters.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod autoscale;
 mod real_cluster;
 
 use std::sync::Arc;
@@ -81,6 +82,9 @@ impl Operator {
         identity: &str,
         lease_seconds: Option<u64>,
     ) -> Operator {
+        // TEST_LOG=inferpool_operator=debug shows what the operator does (off by default).
+        let filter = tracing_subscriber::EnvFilter::try_from_env("TEST_LOG").unwrap_or_else(|_| "off".into());
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
         let metrics = Arc::new(Metrics::new().unwrap());
         let (kill, killed) = oneshot::channel::<()>();
         let (identity, task_metrics) = (identity.to_owned(), metrics.clone());
@@ -93,10 +97,7 @@ impl Operator {
                 let settings = Settings { default_image: image, image_pull_policy: None };
                 let ctx = Arc::new(Context::new(client.clone(), settings, reporter, task_metrics.clone()));
                 let (_stop, stopped) = watch::channel(false);
-                let wait = |mut rx: watch::Receiver<bool>| async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                };
-                let run = || controller::run(ctx.clone(), None, wait(stopped.clone()));
+                let run = || controller::run(ctx.clone(), None, stopped.clone());
                 let operate = async {
                     match lease_seconds {
                         Some(duration_seconds) => {
@@ -175,7 +176,10 @@ where
         Ok(Ok(Some(object))) => object,
         Ok(Ok(None)) => panic!("{name} was deleted while waiting until {what}"),
         Ok(Err(error)) => panic!("watching {name}: {error}"),
-        Err(_) => panic!("{name}: timed out waiting until {what}"),
+        Err(_) => {
+            let last = api.get_opt(name).await.ok().flatten();
+            panic!("{name}: timed out waiting until {what}; last seen: {last:#?}")
+        }
     }
 }
 

@@ -1,0 +1,247 @@
+//! The autoscaler end to end: real sidecars under real load, the real policy, the real API double.
+//!
+//! On the 2-core development machines every replica shares the same two cores, so adding replicas
+//! cannot bring the p95 back down here; these tests assert what the operator does (decides, scales,
+//! waits, pushes, replaces) and the simulator tests (operator/tests/autoscale_sim.rs) assert that
+//! the SLA is restored when new replicas bring capacity.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use inferpool_crds::SlaReport;
+
+use super::*;
+
+/// A real photo from the venv's scikit-image data (`make setup` installs it).
+fn photo() -> Vec<u8> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/lib");
+    let dir = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make setup`", root.display()))
+        .filter_map(|e| Some(e.ok()?.path().join("site-packages/skimage/data/chelsea.png")))
+        .find(|p| p.exists())
+        .expect("scikit-image data missing; run `make setup`");
+    std::fs::read(dir).unwrap()
+}
+
+/// Closed-loop load on the Service's ready endpoints (round robin); with `bypass` every request
+/// skips the caches and runs the model, without it repeats are cache hits (memory, disk, Redis).
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(
+        store: Arc<inferpool_tests::apiserver::store::Store>,
+        service: &str,
+        workers: usize,
+        bypass: bool,
+    ) -> Load {
+        let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let body = bytes::Bytes::from(photo());
+        let tasks = (0..workers)
+            .map(|worker| {
+                let (stop, ok, store, body, service) =
+                    (stop.clone(), ok.clone(), store.clone(), body.clone(), service.to_owned());
+                tokio::spawn(async move {
+                    let http = reqwest_like::client();
+                    let mut n = worker;
+                    while !stop.load(Ordering::Relaxed) {
+                        let endpoints = inferpool_tests::proxy::endpoints(&store, NS, &service);
+                        if endpoints.is_empty() {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        let (ip, port) = &endpoints[n % endpoints.len()];
+                        n += 1;
+                        if reqwest_like::embed(&http, ip, *port, body.clone(), bypass).await {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, tasks }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.ok.load(Ordering::Relaxed)
+    }
+}
+
+/// A minimal HTTP client for the load (hyper-util, which the workspace already has).
+mod reqwest_like {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    pub type Http = Client<HttpConnector, Full<Bytes>>;
+
+    pub fn client() -> Http {
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+    }
+
+    /// One embedding; true when it succeeded.
+    pub async fn embed(http: &Http, ip: &str, port: u16, body: Bytes, bypass: bool) -> bool {
+        let mut request =
+            http::Request::post(format!("http://{ip}:{port}/api/v1/embed")).header("content-type", "image/png");
+        if bypass {
+            request = request.header("cache-control", "no-store");
+        }
+        let request = request.body(Full::new(body)).unwrap();
+        match http.request(request).await {
+            Ok(response) => {
+                let ok = response.status().is_success();
+                let _ = response.into_body().collect().await;
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A replica's SLA report.
+    pub async fn report(http: &Http, ip: &str) -> Option<inferpool_crds::SlaReport> {
+        let uri = format!("http://{ip}:8080/api/v1/metrics/sla").parse().ok()?;
+        let response = http.get(uri).await.ok()?;
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        serde_json::from_slice(&body).ok()
+    }
+}
+
+fn desired(p: Option<&InferencePool>) -> i32 {
+    p.and_then(|p| p.status.as_ref()).map_or(0, |s| s.desired_replicas)
+}
+
+#[tokio::test]
+async fn load_scales_the_pool_out_and_it_scales_back_only_after_the_delay() {
+    let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
+    let spec = json!({
+        "replicas": {"min": 1, "max": 3},
+        "batching": {"auto": false},
+        "cache": {"diskMb": 16, "auto": false},
+        "sla": {"p95LatencyMs": 100, "memoryLimitMb": 2048},
+        "autoscaling": {"intervalSeconds": 1, "stableWindowSeconds": 10, "panicWindowSeconds": 2,
+                        "scaleDownDelaySeconds": 8},
+    });
+    pools.create(&PostParams::default(), &pool("busy", spec)).await.unwrap();
+    wait_for(&pools, "busy", "Ready", has_condition("Ready", "True")).await;
+
+    // Far more concurrent work than one replica serves within 100 ms.
+    let load = Load::start(cluster.server.store.clone(), "busy", 16, true);
+    let scaled = wait_for(&pools, "busy", "scaled out", |p: Option<&InferencePool>| desired(p) >= 2).await;
+    let decision = scaled.status.as_ref().and_then(|s| s.last_decision.clone()).expect("lastDecision");
+    assert!(decision.action.starts_with("replicas 1 -> "), "{decision:?}");
+    assert!(!decision.reason.is_empty());
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), NS);
+    let want = desired(Some(&scaled));
+    wait_for(&deployments, "busy", "more replicas ready", move |d: Option<&Deployment>| {
+        d.and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0) >= want
+    })
+    .await;
+    let breached = wait_for(&pools, "busy", "SLA judged", |p: Option<&InferencePool>| {
+        p.is_some_and(|p| condition(p, "SLACompliant").is_some_and(|c| c.0 != "Unknown"))
+    })
+    .await;
+    assert!(breached.status.and_then(|s| s.sla).is_some_and(|sla| sla.rps > 0.0));
+    assert!(load.stop().await > 0, "the load got no answers");
+
+    // Idle: back to the floor, but not before the scale-down delay.
+    let idle_since = std::time::Instant::now();
+    wait_for(&pools, "busy", "scaled in", |p: Option<&InferencePool>| desired(p) == 1).await;
+    assert!(idle_since.elapsed() >= Duration::from_secs(6), "scaled in after {:?}", idle_since.elapsed());
+}
+
+#[tokio::test]
+async fn a_tuning_change_reaches_every_replica_and_a_killed_replica_is_replaced() {
+    let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
+    let spec = json!({
+        "replicas": {"min": 2, "max": 2},
+        "batching": {"auto": false, "maxBatchSize": 16},
+        "cache": {"diskMb": 16},
+        "autoscaling": {"intervalSeconds": 1},
+    });
+    pools.create(&PostParams::default(), &pool("tuned", spec)).await.unwrap();
+    wait_for(&pools, "tuned", "Ready", has_condition("Ready", "True")).await;
+
+    // A pinned batch size changed in the spec is pushed live: no pod restarts.
+    let before: Vec<String> = pods(&cluster.client, "tuned").await.iter().map(|p| p.name_any()).collect();
+    let patch = json!({"spec": {"batching": {"maxBatchSize": 8, "maxDelayMs": 3}}});
+    pools.patch("tuned", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let http = reqwest_like::client();
+    let reached = tokio::time::timeout(WAIT, async {
+        loop {
+            let mut reports: Vec<SlaReport> = Vec::new();
+            for pod in pods(&cluster.client, "tuned").await {
+                if let Some(r) =
+                    reqwest_like::report(&http, &pod.status.and_then(|s| s.pod_ip).unwrap_or_default()).await
+                {
+                    reports.push(r);
+                }
+            }
+            if reports.len() == 2 && reports.iter().all(|r| (r.tuning.max_batch_size, r.tuning.max_delay_ms) == (8, 3))
+            {
+                return reports;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the tuning never reached both replicas");
+    assert!(reached.iter().all(|r| r.tuning.generation >= 2));
+    let after: Vec<String> = pods(&cluster.client, "tuned").await.iter().map(|p| p.name_any()).collect();
+    assert_eq!(before, after, "a tuning change restarted pods");
+    let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), NS);
+    let tuning = config_maps.get("tuned-tuning").await.unwrap().data.unwrap_or_default();
+    assert_eq!(tuning.get("INFERPOOL_MAX_BATCH").map(String::as_str), Some("8"), "new pods start with it");
+
+    // A killed replica is replaced and the pool is Ready again.
+    let pod_api: Api<Pod> = Api::namespaced(cluster.client.clone(), NS);
+    pod_api.delete(&after[0], &DeleteParams::default()).await.unwrap();
+    wait_gone(&pod_api, &after[0]).await;
+    let ready = wait_for(&pools, "tuned", "Ready with a replacement", |p: Option<&InferencePool>| {
+        p.is_some_and(|p| condition(p, "Ready").is_some_and(|c| c.0 == "True"))
+            && p.and_then(|p| p.status.as_ref()).is_some_and(|s| s.ready_replicas == 2)
+    })
+    .await;
+    assert_eq!(ready.status.unwrap().replicas, 2);
+}
+
+#[tokio::test]
+async fn a_redis_outage_does_not_breach_the_sla() {
+    let mut redis = inferpool_tests::redis::Redis::start().unwrap();
+    let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
+    let spec = json!({
+        "replicas": {"min": 1, "max": 1},
+        "cache": {"diskMb": 16, "redis": {"url": redis.url()}},
+        "sla": {"p95LatencyMs": 2000, "maxErrorRate": 0.01},
+        "autoscaling": {"intervalSeconds": 1, "stableWindowSeconds": 6, "panicWindowSeconds": 2},
+    });
+    pools.create(&PostParams::default(), &pool("shared", spec)).await.unwrap();
+    wait_for(&pools, "shared", "Ready", has_condition("Ready", "True")).await;
+    let load = Load::start(cluster.server.store.clone(), "shared", 2, false);
+    wait_for(&pools, "shared", "compliant", has_condition("SLACompliant", "True")).await;
+
+    redis.kill();
+    // Watch the pool through two stable windows of the outage: it must never leave the SLA.
+    let mut stream = std::pin::pin!(kube::runtime::watcher(
+        pools.clone(),
+        kube::runtime::watcher::Config::default().fields("metadata.name=shared")
+    ));
+    use futures::TryStreamExt;
+    let watched = tokio::time::timeout(Duration::from_secs(12), async {
+        while let Some(event) = stream.try_next().await.unwrap() {
+            if let kube::runtime::watcher::Event::Apply(p) | kube::runtime::watcher::Event::InitApply(p) = event {
+                assert_ne!(condition(&p, "SLACompliant").map(|c| c.0).as_deref(), Some("False"), "{:?}", p.status);
+            }
+        }
+    })
+    .await;
+    assert!(watched.is_err(), "the watch ended early");
+    assert!(load.stop().await > 0);
+}
