@@ -24,6 +24,7 @@ pub fn pod_sample(pod: &str, report: &SlaReport) -> Option<PodSample> {
         inference_p95_ms: window.inference_p95_ms,
         mean_batch_size: window.mean_batch_size,
         cache_hit_rate: window.cache_hit_rate,
+        cache_lookups: window.cache_lookups,
         queue_depth: report.queue_depth,
         rss_bytes: report.rss_bytes,
         tuning_generation: report.tuning.generation,

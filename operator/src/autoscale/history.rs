@@ -30,6 +30,8 @@ pub struct Window {
     pub rps: f64,
     /// Requests completed in the window across the pool.
     pub requests: u64,
+    /// Cache lookups in the window (0: the hit rate says nothing).
+    pub cache_lookups: u64,
     /// p95 latency, ms: request-weighted over samples of each sample's request-weighted pod p95.
     pub p95_ms: f64,
     /// Share of failed requests (request-weighted).
@@ -169,6 +171,7 @@ impl History {
             ready_sum += s.pods.len() as f64;
             let requests = s.requests();
             w.requests += requests;
+            w.cache_lookups += s.pods.iter().map(|p| p.cache_lookups).sum::<u64>();
             if !s.pods.is_empty() {
                 for (acc, figure) in acc.iter_mut().zip(FIGURES) {
                     acc.add(s.weighted(figure), requests);
@@ -246,6 +249,7 @@ mod tests {
             queue_depth: 2,
             rss_bytes: 100 + requests,
             tuning_generation: 1,
+            cache_lookups: requests,
         }
     }
 

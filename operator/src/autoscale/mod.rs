@@ -36,8 +36,10 @@ pub struct PodSample {
     pub inference_p95_ms: f64,
     /// Mean images per batch.
     pub mean_batch_size: f64,
-    /// Share of requests answered from a cache.
+    /// Share of cache lookups answered from a cache.
     pub cache_hit_rate: f64,
+    /// Cache lookups in the sample's window (0: nothing to judge the hit rate by).
+    pub cache_lookups: u64,
     /// Requests queued now.
     pub queue_depth: u64,
     /// Resident memory, bytes.

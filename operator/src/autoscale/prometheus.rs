@@ -299,6 +299,9 @@ pub fn assemble(pod_label: &str, answers: Vec<(Figure, String, Vector)>, at: f64
             queue_depth: count(Figure::QueueDepth),
             rss_bytes: count(Figure::Rss),
             tuning_generation: count(Figure::TuningGeneration),
+            // Every inference request looks the cache up first (unless it asked not to): the
+            // request count stands in for the lookup count the SLA report has.
+            cache_lookups: count(Figure::Requests),
             pod,
         });
     }

@@ -4,7 +4,7 @@
 //! - Memory is the largest pod's resident set over the panic window against `sla.memoryLimitMb`.
 //! - Above [`CLEAR`] of the limit within [`SHRINK_MEMORY_SECONDS`] of a shrink: clear the caches.
 //! - Above [`SHRINK`]: halve the entries.
-//! - Hit rate (over the panic window, so a change shows at once) under `sla.minCacheHitRate` (and above 0: 0 reads as no lookups) with memory under
+//! - Hit rate (over the panic window, so a change shows at once) under `sla.minCacheHitRate` (with cache lookups to judge by) with memory under
 //!   [`GROW`], once the stable window agrees with it within [`SETTLED`]: grow by half (at least one entry), up to `MAX_CACHE_ENTRIES`. A growth that raised
 //!   the hit rate by less than [`MIN_GAIN`] means the misses are not for lack of room (unique
 //!   images): no more growth for [`PLATEAU_SECONDS`].
@@ -97,7 +97,7 @@ pub(super) fn tune(
     if stable.requests >= MIN_REQUESTS
         && recent.requests >= MIN_REQUESTS
         && (stable.cache_hit_rate - hit).abs() < SETTLED
-        && hit > 0.0
+        && recent.cache_lookups > 0
         && hit < sla.min_cache_hit_rate
         && ratio < GROW
         && entries < MAX_CACHE_ENTRIES

@@ -142,10 +142,10 @@ pub struct Decision {
 /// The service level over a window; `compliant` is None without traffic.
 pub fn observe(spec: &InferencePoolSpec, w: &Window) -> Observed {
     let compliant = (w.requests > 0).then(|| {
-        // A hit rate of exactly 0 reads as "no cache lookups": a sample carries no lookup count.
+        // Without cache lookups (every request bypassed the cache) the hit rate says nothing.
         w.p95_ms <= f64::from(spec.sla.p95_latency_ms)
             && w.error_rate <= spec.sla.max_error_rate
-            && (w.cache_hit_rate == 0.0 || w.cache_hit_rate >= spec.sla.min_cache_hit_rate)
+            && (w.cache_lookups == 0 || w.cache_hit_rate >= spec.sla.min_cache_hit_rate)
     });
     Observed { p95_ms: w.p95_ms, error_rate: w.error_rate, cache_hit_rate: w.cache_hit_rate, rps: w.rps, compliant }
 }

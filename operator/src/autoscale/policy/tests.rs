@@ -31,6 +31,7 @@ fn pod(name: &str, rps: f64, p95: f64) -> PodSample {
         queue_depth: 0,
         rss_bytes: 1 << 30,
         tuning_generation: 7,
+        cache_lookups: 0,
     }
 }
 
@@ -213,4 +214,14 @@ fn every_decision_says_why_with_numbers() {
     assert!(d.reason.contains("p95 900 ms > 300 ms target at 300 rps"), "{}", d.reason);
     assert!(d.reason.contains("rps/replica"), "{}", d.reason);
     assert!(!d.reason.contains('\n'));
+}
+
+#[test]
+fn the_hit_rate_counts_only_when_there_were_cache_lookups() {
+    let spec = InferencePoolSpec::default();
+    let window = Window { requests: 100, p95_ms: 10.0, cache_hit_rate: 0.0, ..Window::default() };
+    assert_eq!(observe(&spec, &window).compliant, Some(true), "every request bypassed the cache");
+    let missing = Window { cache_lookups: 100, ..window };
+    assert_eq!(observe(&spec, &missing).compliant, Some(false), "all lookups missed: below minCacheHitRate");
+    assert_eq!(observe(&spec, &Window::default()).compliant, None, "no traffic, nothing to judge");
 }

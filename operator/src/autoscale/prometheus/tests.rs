@@ -149,6 +149,7 @@ fn assembles_one_pod_sample_per_pod() {
             queue_depth: 3,
             rss_bytes: 0,
             tuning_generation: 7,
+            cache_lookups: 100,
         }
     );
     let b = &sample.pods[1];

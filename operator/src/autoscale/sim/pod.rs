@@ -173,6 +173,7 @@ impl Pod {
             queue_depth: self.queue.len() as u64,
             rss_bytes: (rss_mb * 1024.0 * 1024.0) as u64,
             tuning_generation: self.tuning.generation,
+            cache_lookups: requests as u64,
         }
     }
 }
