@@ -7,6 +7,7 @@
 
 pub mod apiserver;
 pub mod apply;
+pub mod fixtures;
 pub mod kubelet;
 pub mod prometheus;
 pub mod proxy;

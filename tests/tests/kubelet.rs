@@ -142,10 +142,7 @@ async fn replicas_become_pods_with_distinct_ips_and_follow_the_deployment() {
 
 /// The sidecar binary the workspace build made (`make test` builds every binary first).
 fn sidecar_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("inferpool-sidecar");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p inferpool-sidecar` (make test does)", bin.display());
-    bin
+    inferpool_tests::fixtures::sidecar_bin().unwrap()
 }
 
 /// Whether something answers `GET /readyz` with 200 at ip:8080.

@@ -4,7 +4,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
@@ -82,10 +82,8 @@ fn up(args: &[&str]) -> Local {
     Local { child, log: rx, kubeconfig, _dir: dir }
 }
 
-fn sidecar_bin() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_inferpool-local")).with_file_name("inferpool-sidecar");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p inferpool-sidecar` (make test does)", bin.display());
-    bin
+fn sidecar_bin() -> std::path::PathBuf {
+    inferpool_tests::fixtures::sidecar_bin().unwrap()
 }
 
 async fn answers(ip: &str) -> bool {

@@ -26,22 +26,12 @@ fn root() -> PathBuf {
 }
 
 /// The sidecar binary built next to this test binary (as tests/tests/kubelet.rs finds it).
-fn sidecar_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("inferpool-sidecar");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p inferpool-sidecar` (make test does)", bin.display());
-    bin
+fn sidecar_bin() -> std::path::PathBuf {
+    inferpool_tests::fixtures::sidecar_bin().unwrap()
 }
 
-/// A real photo from scikit-image's data directory in the venv (installed by `make setup`).
 fn photo(name: &str) -> Vec<u8> {
-    let lib = root().join(".cache/venv/lib");
-    let dir = std::fs::read_dir(&lib)
-        .unwrap_or_else(|e| panic!("{}: {e}; run `make setup`", lib.display()))
-        .filter_map(|e| Some(e.ok()?.path().join("site-packages/skimage/data")))
-        .find(|p| p.exists())
-        .expect("scikit-image is not installed in the venv; run `make setup`");
-    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    inferpool_tests::fixtures::photo(name).unwrap()
 }
 
 /// One sidecar process standing for one pod.

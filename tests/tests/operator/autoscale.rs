@@ -11,17 +11,6 @@ use inferpool_crds::SlaReport;
 
 use super::*;
 
-/// A real photo from the venv's scikit-image data (`make setup` installs it).
-fn photo() -> Vec<u8> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/lib");
-    let dir = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("{}: {e}; run `make setup`", root.display()))
-        .filter_map(|e| Some(e.ok()?.path().join("site-packages/skimage/data/chelsea.png")))
-        .find(|p| p.exists())
-        .expect("scikit-image data missing; run `make setup`");
-    std::fs::read(dir).unwrap()
-}
-
 /// Closed-loop load on the Service's ready endpoints (round robin); with `bypass` every request
 /// skips the caches and runs the model, without it repeats are cache hits (memory, disk, Redis).
 struct Load {
@@ -38,7 +27,7 @@ impl Load {
         bypass: bool,
     ) -> Load {
         let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let body = bytes::Bytes::from(photo());
+        let body = bytes::Bytes::from(inferpool_tests::fixtures::photo("chelsea.png").unwrap());
         let tasks = (0..workers)
             .map(|worker| {
                 let (stop, ok, store, body, service) =

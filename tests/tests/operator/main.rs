@@ -54,10 +54,7 @@ async fn with_operator(mode: Mode) -> (Cluster, Operator, Api<InferencePool>) {
 }
 
 fn sidecar_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("inferpool-sidecar");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p inferpool-sidecar` (make test does)", bin.display());
-    bin
+    inferpool_tests::fixtures::sidecar_bin().unwrap()
 }
 
 /// One operator replica on its own thread and runtime, talking to the API server over HTTP like
