@@ -250,9 +250,25 @@ async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Action> {
     }
     let now = Time(Timestamp::now());
     status::set_conditions(&mut status, wanted, pool.metadata.generation, &now);
+    record_pool_metrics(&ctx.metrics, pool, &rollout, &tuning);
     write_status(pool, &pools, status).await?;
 
     Ok(if rollout.complete() { Action::requeue(RESYNC) } else { Action::requeue(Duration::from_secs(10)) })
+}
+
+/// The pool's replicas and tuning as metrics (the dashboard's "desired / ready" and "in force").
+fn record_pool_metrics(metrics: &Metrics, pool: &InferencePool, rollout: &Rollout, tuning: &Tuning) {
+    let (namespace, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
+    let set = |vec: &prometheus::IntGaugeVec, label: &str, value: i64| {
+        vec.with_label_values(&[namespace.as_str(), name.as_str(), label]).set(value);
+    };
+    set(&metrics.pool_replicas, "desired", i64::from(rollout.desired));
+    set(&metrics.pool_replicas, "ready", i64::from(rollout.ready));
+    set(&metrics.pool_tuning, "max_batch_size", i64::from(tuning.max_batch_size));
+    set(&metrics.pool_tuning, "max_delay_ms", i64::from(tuning.max_delay_ms));
+    if let Some(entries) = tuning.cache_entries {
+        set(&metrics.pool_tuning, "cache_entries", i64::try_from(entries).unwrap_or(i64::MAX));
+    }
 }
 
 /// Whether the stored status already describes this generation as fully rolled out.

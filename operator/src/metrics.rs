@@ -1,8 +1,12 @@
 //! The operator's own Prometheus metrics, served at `/metrics`.
 //!
-//! Labels are bounded: `result` is `success` or an [`crate::Error::metric_label`] value.
+//! Labels are bounded: `result` is `success` or an [`crate::Error::metric_label`] value; the
+//! per-pool series carry `namespace` and `pool` (one set per InferencePool, removed with it) and
+//! small fixed sets (`state`, `setting`, `action`).
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Every metric the operator exports, registered in one registry.
 pub struct Metrics {
@@ -15,6 +19,15 @@ pub struct Metrics {
     pub pools: IntGauge,
     /// 1 while this replica holds the leader lease.
     pub leader: IntGauge,
+    /// Replicas per pool: `state` = desired | ready.
+    pub pool_replicas: IntGaugeVec,
+    /// Tuning in force per pool: `setting` = max_batch_size | max_delay_ms | cache_entries.
+    pub pool_tuning: IntGaugeVec,
+    /// The autoscaler's view per pool over the stable window: `figure` = p95_seconds | error_rate |
+    /// cache_hit_rate | rps | compliant (1 or 0).
+    pub pool_sla: GaugeVec,
+    /// Autoscaler decisions per pool: `action` = scale_up | scale_down | tune | replace_pod | clear_cache.
+    pub pool_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -35,7 +48,54 @@ impl Metrics {
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(pools.clone()))?;
         registry.register(Box::new(leader.clone()))?;
-        Ok(Self { registry, reconciles, reconcile_duration, pools, leader })
+        let per_pool = |name: &str, help: &str| Opts::new(name, help);
+        let pool_replicas = IntGaugeVec::new(
+            per_pool("inferpool_pool_replicas", "Replicas of a pool: desired by the operator, ready"),
+            &["namespace", "pool", "state"],
+        )?;
+        let pool_tuning = IntGaugeVec::new(
+            per_pool("inferpool_pool_tuning", "Batching and cache tuning in force for a pool"),
+            &["namespace", "pool", "setting"],
+        )?;
+        let pool_sla = GaugeVec::new(
+            per_pool("inferpool_pool_sla", "A pool's service level over the autoscaler's stable window"),
+            &["namespace", "pool", "figure"],
+        )?;
+        let pool_decisions = IntCounterVec::new(
+            per_pool("inferpool_pool_decisions_total", "Autoscaler decisions for a pool by action"),
+            &["namespace", "pool", "action"],
+        )?;
+        registry.register(Box::new(pool_replicas.clone()))?;
+        registry.register(Box::new(pool_tuning.clone()))?;
+        registry.register(Box::new(pool_sla.clone()))?;
+        registry.register(Box::new(pool_decisions.clone()))?;
+        Ok(Self {
+            registry,
+            reconciles,
+            reconcile_duration,
+            pools,
+            leader,
+            pool_replicas,
+            pool_tuning,
+            pool_sla,
+            pool_decisions,
+        })
+    }
+
+    /// Drops every series of a pool that is gone.
+    pub fn forget_pool(&self, namespace: &str, pool: &str) {
+        for state in STATES {
+            let _ = self.pool_replicas.remove_label_values(&[namespace, pool, state]);
+        }
+        for setting in SETTINGS {
+            let _ = self.pool_tuning.remove_label_values(&[namespace, pool, setting]);
+        }
+        for figure in FIGURES {
+            let _ = self.pool_sla.remove_label_values(&[namespace, pool, figure]);
+        }
+        for action in ACTIONS {
+            let _ = self.pool_decisions.remove_label_values(&[namespace, pool, action]);
+        }
     }
 
     /// Prometheus text exposition of every metric.
@@ -46,6 +106,15 @@ impl Metrics {
         out
     }
 }
+
+/// Values of `inferpool_pool_replicas{state}`.
+pub const STATES: [&str; 2] = ["desired", "ready"];
+/// Values of `inferpool_pool_tuning{setting}`.
+pub const SETTINGS: [&str; 3] = ["max_batch_size", "max_delay_ms", "cache_entries"];
+/// Values of `inferpool_pool_sla{figure}`.
+pub const FIGURES: [&str; 5] = ["p95_seconds", "error_rate", "cache_hit_rate", "rps", "compliant"];
+/// Values of `inferpool_pool_decisions_total{action}`.
+pub const ACTIONS: [&str; 5] = ["scale_up", "scale_down", "tune", "replace_pod", "clear_cache"];
 
 #[cfg(test)]
 mod tests {
@@ -67,6 +136,13 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        metrics.pool_replicas.with_label_values(&["ns", "shop", "ready"]).set(2);
+        metrics.pool_decisions.with_label_values(&["ns", "shop", "scale_up"]).inc();
+        let text = String::from_utf8_lossy(&metrics.render()).into_owned();
+        assert!(text.contains("inferpool_pool_replicas{namespace=\"ns\",pool=\"shop\",state=\"ready\"} 2"), "{text}");
+        metrics.forget_pool("ns", "shop");
+        let text = String::from_utf8_lossy(&metrics.render()).into_owned();
+        assert!(!text.contains("pool=\"shop\""), "a deleted pool's series stay:\n{text}");
         Ok(())
     }
 }

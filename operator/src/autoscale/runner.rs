@@ -116,7 +116,13 @@ pub async fn run(
         }
         let now = Instant::now();
         let all = pools.state();
-        states.retain(|key, _| all.iter().any(|p| &controller::key(p) == key));
+        states.retain(|key, _| {
+            let alive = all.iter().any(|p| &controller::key(p) == key);
+            if !alive && let Some((namespace, name)) = key.split_once('/') {
+                ctx.metrics.forget_pool(namespace, name);
+            }
+            alive
+        });
         ctx.autoscale.retain(|key| states.contains_key(key) || all.iter().any(|p| controller::key(p) == key));
         let due: Vec<(Arc<InferencePool>, PoolState)> = all
             .into_iter()
@@ -261,6 +267,7 @@ async fn tick(
             time: Time(Timestamp::now()),
         }),
     };
+    record_decision(ctx, &namespace, &name, replicas, &tuning, &decision);
     tracing::debug!(pool = %key, replicas = decision.replicas, mode = ?decision.mode, reason = %decision.reason, "autoscaler tick");
     ctx.autoscale.put(&key, Applied { decision, last_change });
     let stale = state.last_trigger.is_none_or(|t| t.elapsed() >= STATUS_REFRESH);
@@ -269,6 +276,33 @@ async fn tick(
         let _ = trigger.send(ObjectRef::from_obj(pool));
     }
     state
+}
+
+/// The decision as metrics: the SLA figures and a count per kind of action.
+fn record_decision(ctx: &Context, namespace: &str, name: &str, replicas: u32, tuning: &Tuning, decision: &Decision) {
+    let metrics = &ctx.metrics;
+    let observed = &decision.observed;
+    if let Some(compliant) = observed.compliant {
+        for (figure, value) in [
+            ("p95_seconds", observed.p95_ms / 1000.0),
+            ("error_rate", observed.error_rate),
+            ("cache_hit_rate", observed.cache_hit_rate),
+            ("rps", observed.rps),
+            ("compliant", if compliant { 1.0 } else { 0.0 }),
+        ] {
+            metrics.pool_sla.with_label_values(&[namespace, name, figure]).set(value);
+        }
+    }
+    let count = |action: &str, n: u64| {
+        if n > 0 {
+            metrics.pool_decisions.with_label_values(&[namespace, name, action]).inc_by(n);
+        }
+    };
+    count("scale_up", u64::from(decision.replicas > replicas));
+    count("scale_down", u64::from(decision.replicas < replicas));
+    count("tune", u64::from(decision.tuning != *tuning));
+    count("replace_pod", decision.delete_pods.len() as u64);
+    count("clear_cache", u64::from(decision.clear_cache));
 }
 
 /// The replicas in force: the last decision, else what the status says the operator applied.

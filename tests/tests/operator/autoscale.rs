@@ -109,7 +109,7 @@ fn desired(p: Option<&InferencePool>) -> i32 {
 
 #[tokio::test]
 async fn load_scales_the_pool_out_and_it_scales_back_only_after_the_delay() {
-    let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
+    let (cluster, operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
     let spec = json!({
         "replicas": {"min": 1, "max": 3},
         "batching": {"auto": false},
@@ -139,6 +139,11 @@ async fn load_scales_the_pool_out_and_it_scales_back_only_after_the_delay() {
     .await;
     assert!(breached.status.and_then(|s| s.sla).is_some_and(|sla| sla.rps > 0.0));
     assert!(load.stop().await > 0, "the load got no answers");
+    // The decisions and the pool's size are exported for the dashboard.
+    let metrics = String::from_utf8_lossy(&operator.metrics.render()).into_owned();
+    let scale_ups = "inferpool_pool_decisions_total{action=\"scale_up\",namespace=\"default\",pool=\"busy\"}";
+    assert!(metrics.lines().any(|l| l.starts_with(scale_ups)), "{metrics}");
+    assert!(metrics.contains("inferpool_pool_sla{figure=\"p95_seconds\",namespace=\"default\",pool=\"busy\"}"));
 
     // Idle: back to the floor, but not before the scale-down delay.
     let idle_since = std::time::Instant::now();
