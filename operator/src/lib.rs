@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 pub mod pods;
+pub mod render;
 pub mod server;
 pub mod status;
 pub mod validate;

@@ -15,6 +15,9 @@ use inferpool_operator::server::{self, State};
 use kube::runtime::events::Reporter;
 use tokio::sync::watch;
 
+/// The sidecar image of this release.
+const DEFAULT_IMAGE: &str = concat!("ghcr.io/inferpool/sidecar:", env!("CARGO_PKG_VERSION"));
+
 #[derive(Parser)]
 #[command(
     name = "inferpool-operator",
@@ -32,6 +35,15 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the InferencePool CustomResourceDefinition as YAML.
     Crd,
+    /// Print what the operator would create for a pool (no cluster needed).
+    Render {
+        /// The InferencePool manifest (`-` for standard input).
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+        /// Sidecar image for a pool that names none.
+        #[arg(long, env = "INFERPOOL_OPERATOR_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
+        default_image: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -40,7 +52,7 @@ struct RunArgs {
     #[arg(long, env = "INFERPOOL_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
     /// Sidecar image for pools that do not name one.
-    #[arg(long, env = "INFERPOOL_OPERATOR_DEFAULT_IMAGE", default_value = concat!("ghcr.io/inferpool/sidecar:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, env = "INFERPOOL_OPERATOR_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
     default_image: String,
     /// imagePullPolicy of the sidecar container (default: the cluster's default).
     #[arg(long, env = "INFERPOOL_OPERATOR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
@@ -77,6 +89,26 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Render { file, default_image } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&file)
+            };
+            let settings = Settings { default_image, image_pull_policy: None };
+            match text.map_err(|e| format!("{}: {e}", file.display())).and_then(|t| {
+                inferpool_operator::render::render(&t, &settings).map_err(|e| format!("{}: {e}", file.display()))
+            }) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("inferpool-operator: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Crd => match inferpool_crds::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
