@@ -154,6 +154,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = Arc::new(State { metrics: metrics.clone(), ready: Default::default() });
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%address, "serving /healthz, /readyz and /metrics");
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, state.clone(), controller::stop_signal(stopped.clone())));
     tokio::spawn(async move {

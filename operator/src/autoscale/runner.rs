@@ -77,6 +77,8 @@ struct PoolState {
     policy: policy::State,
     token: Option<String>,
     last_trigger: Option<Instant>,
+    /// The SLA figures the status got at the last trigger.
+    last_sla: Option<inferpool_crds::pool::SlaStatus>,
 }
 
 impl PoolState {
@@ -88,6 +90,7 @@ impl PoolState {
             policy: policy::State::default(),
             token: None,
             last_trigger: None,
+            last_sla: None,
         }
     }
 }
@@ -270,9 +273,13 @@ async fn tick(
     record_decision(ctx, &namespace, &name, replicas, &tuning, &decision);
     tracing::debug!(pool = %key, replicas = decision.replicas, mode = ?decision.mode, reason = %decision.reason, "autoscaler tick");
     ctx.autoscale.put(&key, Applied { decision, last_change });
-    let stale = state.last_trigger.is_none_or(|t| t.elapsed() >= STATUS_REFRESH);
+    // The status's figures are refreshed at most every STATUS_REFRESH, and only when they moved:
+    // an idle pool costs the API server nothing.
+    let sla = crate::status::sla_status(&ctx.autoscale.get(&key).map(|a| a.decision.observed).unwrap_or_default());
+    let stale = state.last_trigger.is_none_or(|t| t.elapsed() >= STATUS_REFRESH) && sla != state.last_sla;
     if changed || stale {
         state.last_trigger = Some(Instant::now());
+        state.last_sla = sla;
         let _ = trigger.send(ObjectRef::from_obj(pool));
     }
     state
