@@ -100,6 +100,7 @@ impl App {
     pub fn new(config: Config) -> Result<Self, StartError> {
         let card = LoadedCard::load(&config.model)?;
         let metrics = Arc::new(Metrics::new()?);
+        metrics.memory_limit.set(config.memory_limit.map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX)));
         let fingerprint = fingerprint(&card);
         let profiles = Arc::new(ProfileStore::open(&config.data_dir, &fingerprint, card.card.output.dim)?);
         let preprocessor = Arc::new(Preprocessor::new(card.card.input.clone(), config.max_pixels));

@@ -183,6 +183,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Resident memory above which the memory cache gives memory back, in bytes; None = unguarded.
     pub memory_threshold: Option<u64>,
+    /// The memory limit in force (`--memory-limit-mb`, else the cgroup's), in bytes; None = none.
+    pub memory_limit: Option<u64>,
 }
 
 /// Every configuration problem found, one per line.
@@ -345,6 +347,7 @@ impl Args {
             log_format,
             cache,
             memory_threshold: memory_limit.map(|l| (l as f64 * pressure_ratio) as u64),
+            memory_limit,
         })
     }
 }

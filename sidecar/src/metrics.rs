@@ -88,6 +88,10 @@ pub struct Metrics {
     /// Max batch delay in force, in seconds.
     pub tuning_max_delay: prometheus::Gauge,
     images: IntCounter,
+    /// Resident set size of the process, refreshed when `/metrics` is rendered.
+    pub resident_memory: IntGauge,
+    /// The memory limit in force (configured or the cgroup's), 0 when there is none.
+    pub memory_limit: IntGauge,
     /// Trailing windows for the SLA report.
     pub windows: Windows,
 }
@@ -96,8 +100,11 @@ pub struct Metrics {
 const CACHE_BUCKETS: &[f64] =
     &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5];
 
-/// Latency buckets from 0.5 ms to 10 s.
-const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Latency buckets from 0.5 ms to 10 s; 1.5 s and 2 s are the p95 alert thresholds
+/// (charts/inferpool/files/alerts.rules.yaml), so a quantile near them is not interpolated across
+/// a wide bucket.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0];
 
 impl Metrics {
     /// Registers every metric in a fresh registry.
@@ -175,6 +182,12 @@ impl Metrics {
         let tuning_max_delay =
             prometheus::Gauge::new("inferpool_tuning_max_delay_seconds", "Max batching delay in force.")?;
         let images = IntCounter::new("inferpool_images_embedded_total", "Images run through the model.")?;
+        let resident_memory =
+            IntGauge::new("inferpool_resident_memory_bytes", "Resident set size of the sidecar process.")?;
+        let memory_limit = IntGauge::new(
+            "inferpool_memory_limit_bytes",
+            "Memory limit in force (configured, else the cgroup's); 0 when there is none.",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -193,6 +206,8 @@ impl Metrics {
             Box::new(tuning_max_batch.clone()),
             Box::new(tuning_max_delay.clone()),
             Box::new(images.clone()),
+            Box::new(resident_memory.clone()),
+            Box::new(memory_limit.clone()),
         ] {
             registry.register(c)?;
         }
@@ -218,6 +233,8 @@ impl Metrics {
             tuning_max_batch,
             tuning_max_delay,
             images,
+            resident_memory,
+            memory_limit,
             windows: Windows::default(),
         })
     }

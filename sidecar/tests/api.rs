@@ -66,6 +66,9 @@ async fn every_route_answers_its_happy_path() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    // Memory for the dashboard and the alerts: the process's RSS, refreshed at each render.
+    assert!(metric(&metrics, "inferpool_resident_memory_bytes") > 0.0, "{metrics}");
+    assert!(metrics.contains("\ninferpool_memory_limit_bytes "), "{metrics}");
     let sla: SlaReport = serde_json::from_slice(&get(&s.url("/api/v1/metrics/sla")).await.body).unwrap();
     assert_eq!((sla.provider.as_str(), sla.variant.as_str(), sla.ready), ("cpu", "fp32", true));
     assert_eq!(sla.windows.iter().map(|w| w.seconds).collect::<Vec<_>>(), [2, 10, 60]);

@@ -366,6 +366,9 @@ async fn a_tuning_push_resizes_memory_and_keeps_hot_entries() {
 async fn memory_pressure_shrinks_then_clears_the_memory_tier() {
     // A limit far below what the process already uses: the guard acts on its first checks.
     let s = Server::start(&["--memory-limit-mb", "16", "--disk-mb", "0"]).await;
+    let text = metrics(&s).await;
+    assert_eq!(metric(&text, "inferpool_memory_limit_bytes"), f64::from(16u32 << 20));
+    assert!(metric(&text, "inferpool_resident_memory_bytes") > f64::from(16u32 << 20), "{text}");
     for i in 700..720 {
         embed(&s, &tiny(i), &[]).await;
     }

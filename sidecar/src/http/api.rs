@@ -77,6 +77,7 @@ pub fn readiness(app: &App) -> Result<Resp, ApiError> {
 /// Prometheus text exposition.
 pub fn metrics_text(app: &App) -> Resp {
     app.cache.refresh_gauges();
+    app.metrics.resident_memory.set(i64::try_from(report::rss_bytes()).unwrap_or(i64::MAX));
     text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.encode())
 }
 
