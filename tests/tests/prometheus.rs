@@ -234,7 +234,7 @@ async fn prometheus_source_samples_real_sidecars() {
         // Sequential requests: every inference is a batch of one.
         assert!((p.mean_batch_size - 1.0).abs() < 1e-9, "{p:?}");
         assert_eq!(p.queue_depth, 0, "{p:?}");
-        assert_eq!(p.rss_bytes, 0, "the sidecar exports no process_resident_memory_bytes: {p:?}");
+        assert!(p.rss_bytes > 10 << 20, "the sidecar's resident memory comes through: {p:?}");
     }
     assert_eq!((sample.pods[0].tuning_generation, sample.pods[1].tuning_generation), (0, 5));
 

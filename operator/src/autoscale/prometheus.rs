@@ -12,8 +12,8 @@
 //!
 //! Values: `NaN` (no traffic in the window: a quantile or a ratio over nothing) and absent series
 //! count as 0; any other value that is not a finite number is an error. `up == 0` marks a pod as
-//! silent (unhealthy, not idle). The resident memory comes from `process_resident_memory_bytes`,
-//! which the sidecar does not export today, so `rss_bytes` is 0 unless a process collector adds it.
+//! silent (unhealthy, not idle). The resident memory comes from the sidecar's
+//! `inferpool_resident_memory_bytes`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -209,7 +209,7 @@ impl Query<'_> {
                 self.series("inferpool_cache_requests_total", &["tier=\"memory\""]),
             ),
             Figure::QueueDepth => format!("max by ({by}) ({})", self.series("inferpool_queue_depth", &[])),
-            Figure::Rss => format!("max by ({by}) ({})", self.series("process_resident_memory_bytes", &[])),
+            Figure::Rss => format!("max by ({by}) ({})", self.series("inferpool_resident_memory_bytes", &[])),
             Figure::TuningGeneration => {
                 format!("max by ({by}) ({})", self.series("inferpool_tuning_generation", &[]))
             }

@@ -132,7 +132,14 @@ pub async fn run(
             .filter(|p| p.metadata.deletion_timestamp.is_none() && wants_autoscaler(p))
             .filter_map(|p| {
                 let key = controller::key(&p);
-                let state = states.remove(&key).unwrap_or_else(|| PoolState::new(now));
+                let state = states.remove(&key).unwrap_or_else(|| {
+                    // Every decision counter exists from the start, so increase() counts the first one.
+                    let (namespace, name) = (p.namespace().unwrap_or_default(), p.name_any());
+                    for action in crate::metrics::ACTIONS {
+                        ctx.metrics.pool_decisions.with_label_values(&[namespace.as_str(), name.as_str(), action]);
+                    }
+                    PoolState::new(now)
+                });
                 if state.next <= now {
                     Some((p, state))
                 } else {

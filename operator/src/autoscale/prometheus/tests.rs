@@ -56,7 +56,7 @@ fn every_query_text() {
             r#"sum by (pod) (rate(inferpool_cache_requests_total{namespace="ml",pod=~"faces-.*",result="hit"}[8s])) / sum by (pod) (rate(inferpool_cache_requests_total{namespace="ml",pod=~"faces-.*",tier="memory"}[8s]))"#,
         ),
         (Figure::QueueDepth, r#"max by (pod) (inferpool_queue_depth{namespace="ml",pod=~"faces-.*"})"#),
-        (Figure::Rss, r#"max by (pod) (process_resident_memory_bytes{namespace="ml",pod=~"faces-.*"})"#),
+        (Figure::Rss, r#"max by (pod) (inferpool_resident_memory_bytes{namespace="ml",pod=~"faces-.*"})"#),
         (Figure::TuningGeneration, r#"max by (pod) (inferpool_tuning_generation{namespace="ml",pod=~"faces-.*"})"#),
     ];
     assert_eq!(cases.len(), Figure::ALL.len(), "every figure has a case");
