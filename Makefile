@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache model clean-model autoscaling-plots
+.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache bench-autoscaling model clean-model autoscaling-plots
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -17,10 +17,11 @@ run: setup
 run-sidecar: setup
 	$(CARGO) run --release -p inferpool-sidecar -- --data-dir .cache/data $(ARGS)
 
-## test: the whole test suite (Rust and the model scripts)
+## test: the whole test suite (Rust, the model scripts, the Helm chart)
 test: setup
 	$(CARGO) test --workspace
 	$(VENV)/python -m pytest -q models/
+	$(VENV)/python -m pytest -q charts/tests
 
 ## lint: formatting and clippy, as CI checks them
 lint:
@@ -30,12 +31,13 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## crd: regenerate crds/inferencepool.yaml from the types (a test fails while it is stale)
+## crd: regenerate crds/inferencepool.yaml (and the chart's copy) from the types (tests fail while either is stale)
 crd:
 	$(CARGO) run -q -p inferpool-crds --bin crdgen > crds/inferencepool.yaml
+	cp crds/inferencepool.yaml charts/inferpool/crds/inferencepool.yaml
 
 ## bench: benchmarks; reports go to docs/benchmarks/
-bench: bench-sidecar bench-cache
+bench: bench-sidecar bench-cache bench-autoscaling
 
 bench-sidecar: setup
 	scripts/bench-sidecar.sh
@@ -43,6 +45,10 @@ bench-sidecar: setup
 ## bench-cache: cache-miss vs memory, disk and Redis hits; report in docs/benchmarks/cache.md
 bench-cache: setup
 	scripts/bench-cache.sh
+
+## bench-autoscaling: operator CPU/RSS with 100 pools, SLA breach -> decision -> ready replica; report in docs/benchmarks/autoscaling.md
+bench-autoscaling: setup
+	scripts/bench-autoscaling.sh
 
 ## model: regenerate the default model's variants (after changing convert.py)
 model: setup

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares everything inferpool needs to build, run and test, under .cache/ in the repository:
 #   .cache/onnxruntime/   libonnxruntime.so* unpacked from the pinned `onnxruntime` wheel (PyPI)
-#   .cache/venv/          Python tools for the model scripts, reference checks and benchmarks
+#   .cache/venv/          Python tools for the model scripts, reference checks, benchmarks and the
+#                         Helm chart's checks (scripts/requirements.txt)
 #   models/effnet_lite0/  the default model's ONNX variants (generated, checked against card.json)
 # and installs redis-server, openssl and prometheus from Debian when missing. Idempotent: each step is
 # skipped when its result is already there, so a rerun is fast and works offline once it has run once.

@@ -1,0 +1,31 @@
+"""The chart's alert rules pass `promtool check rules`, and the PrometheusRule the chart renders
+carries exactly those groups."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from chart_support import ALERTS, ROOT, one, render, values_of
+
+pytestmark = pytest.mark.skipif(
+    not ALERTS.exists(), reason=f"{ALERTS.relative_to(ROOT)} does not exist yet: no alert rules to check"
+)
+
+
+def test_promtool_accepts_the_rules():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is missing (Debian package `prometheus`; `make setup` installs it)")
+    out = subprocess.run([promtool, "check", "rules", ALERTS], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_prometheus_rule_carries_the_file_groups():
+    rule = one(render(values_of("monitoring-values")), "PrometheusRule")
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    assert groups, "the rules file has no groups"
+    assert rule["spec"]["groups"] == groups
