@@ -96,29 +96,11 @@ fn main() -> ExitCode {
                 std::fs::read_to_string(&file)
             };
             let settings = Settings { default_image, image_pull_policy: None };
-            match text.map_err(|e| format!("{}: {e}", file.display())).and_then(|t| {
+            print_or_fail(text.map_err(|e| format!("{}: {e}", file.display())).and_then(|t| {
                 inferpool_operator::render::render(&t, &settings).map_err(|e| format!("{}: {e}", file.display()))
-            }) {
-                Ok(yaml) => {
-                    print!("{yaml}");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("inferpool-operator: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+            }))
         }
-        Command::Crd => match inferpool_crds::crd_yaml() {
-            Ok(yaml) => {
-                print!("{yaml}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("inferpool-operator: {error}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Crd => print_or_fail(inferpool_crds::crd_yaml().map_err(|e| e.to_string())),
         Command::Run(args) => {
             init_logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -135,6 +117,20 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Prints a document and succeeds, or says what went wrong and fails.
+fn print_or_fail(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("inferpool-operator: {error}");
+            ExitCode::FAILURE
         }
     }
 }

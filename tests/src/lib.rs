@@ -12,3 +12,4 @@ pub mod kubelet;
 pub mod prometheus;
 pub mod proxy;
 pub mod redis;
+pub mod sidecar_process;

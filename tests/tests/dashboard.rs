@@ -20,8 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
+use http::Method;
 use inferpool_crds::InferencePool;
 use inferpool_operator::build::Settings;
 use inferpool_operator::controller::{self, Context};
@@ -30,6 +29,7 @@ use inferpool_operator::server::{self, State};
 use inferpool_tests::apiserver::ApiServer;
 use inferpool_tests::kubelet::{Kubelet, Mode};
 use inferpool_tests::prometheus::{Prometheus, Target};
+use inferpool_tests::sidecar_process::{SidecarProcess, call};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use kube::{Api, Client, Config};
@@ -50,63 +50,13 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-fn free(ip: &str) -> SocketAddr {
-    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
-}
-
 /// One sidecar process standing for one pod.
-struct Pod {
-    name: String,
-    api: SocketAddr,
-    admin: SocketAddr,
-    child: tokio::process::Child,
-    dir: tempfile::TempDir,
-}
+type Pod = SidecarProcess;
 
-impl Pod {
-    fn spawn(name: &str, ip: &str) -> Pod {
-        let dir = tempfile::tempdir().unwrap();
-        let (api, admin) = (free(ip), free(ip));
-        let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
-        let child = tokio::process::Command::new(inferpool_tests::fixtures::sidecar_bin().unwrap())
-            .env("INFERPOOL_LISTEN", api.to_string())
-            .env("INFERPOOL_ADMIN_LISTEN", admin.to_string())
-            .env("INFERPOOL_MODEL", root().join("models/effnet_lite0/card.json"))
-            .env("INFERPOOL_PROVIDER", "cpu")
-            .env("INFERPOOL_THREADS", "1")
-            .env("INFERPOOL_DISK_MB", "16")
-            // A limit far above what the sidecar uses: the memory panel and alert have a ratio
-            // to show, and the memory-pressure guard never acts.
-            .env("INFERPOOL_MEMORY_LIMIT_MB", "4096")
-            .env("INFERPOOL_DATA_DIR", dir.path().join("data"))
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        Pod { name: name.to_owned(), api, admin, child, dir }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
-    }
-
-    /// Waits for the admin `/ready` latch (polled, as a kubelet's readiness probe does).
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok((200, _)) = send(Method::GET, &format!("http://{}/ready", self.admin), None, Vec::new()).await {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("sidecar {} exited ({status}):\n{}", self.name, self.log());
-            }
-            assert!(Instant::now() < deadline, "sidecar {} not ready in 120 s:\n{}", self.name, self.log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+fn spawn(name: &str, ip: &str) -> Pod {
+    // A limit far above what the sidecar uses: the memory panel and alert have a ratio to show,
+    // and the memory-pressure guard never acts.
+    SidecarProcess::spawn(name, ip, &[("INFERPOOL_MEMORY_LIMIT_MB", "4096")]).unwrap()
 }
 
 /// One embedding; `no_store` skips the caches so the request runs the model (queue, batch).
@@ -120,16 +70,9 @@ async fn embed(api: SocketAddr, image: &[u8], no_store: bool) -> String {
 }
 
 async fn send(method: Method, url: &str, cache: Option<&str>, body: Vec<u8>) -> Result<(u16, Bytes), String> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let mut req = Request::builder().method(method).uri(url).header("content-type", "image/png");
-    if let Some(directive) = cache {
-        req = req.header("cache-control", directive);
-    }
-    let call = client.request(req.body(Full::new(Bytes::from(body))).unwrap());
-    let resp = tokio::time::timeout(Duration::from_secs(30), call).await.map_err(|e| e.to_string())?;
-    let resp = resp.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes()))
+    let mut headers = vec![("content-type", "image/png")];
+    headers.extend(cache.map(|directive| ("cache-control", directive)));
+    call(method, url, &headers, body).await
 }
 
 async fn get_text(url: &str) -> String {
@@ -369,9 +312,9 @@ async fn every_dashboard_panel_and_alert_query_works_on_real_series() {
     let rules_text = std::fs::read_to_string(rules_path()).unwrap();
     let rules: RuleFile = serde_saphyr::from_str(&rules_text).unwrap();
 
-    let mut pods = vec![Pod::spawn(&format!("{POOL}-0"), "127.0.0.4"), Pod::spawn(&format!("{POOL}-1"), "127.0.0.5")];
+    let mut pods = vec![spawn(&format!("{POOL}-0"), "127.0.0.4"), spawn(&format!("{POOL}-1"), "127.0.0.5")];
     for pod in &mut pods {
-        pod.wait_ready().await;
+        pod.wait_ready(Duration::from_secs(120)).await.unwrap();
     }
     // Before the first scrape, so that the counters the rates read exist from Prometheus's first
     // sample on: one miss and a hit on each pod, and one request through the model.

@@ -3,16 +3,14 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
+use http::Method;
 use inferpool_crds::pool::PrometheusSource;
 use inferpool_operator::autoscale::Sample;
 use inferpool_operator::autoscale::prometheus::{self, PrometheusError};
 use inferpool_tests::prometheus::{Prometheus, Target};
+use inferpool_tests::sidecar_process::{SidecarProcess, call as send};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAMESPACE: &str = "ml";
@@ -21,97 +19,28 @@ const TOKEN: &str = "prometheus-test-token";
 /// The source's window: long enough to hold the scrape before the traffic and the ones after.
 const WINDOW: u32 = 30;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// The sidecar binary built next to this test binary (as tests/tests/kubelet.rs finds it).
-fn sidecar_bin() -> std::path::PathBuf {
-    inferpool_tests::fixtures::sidecar_bin().unwrap()
-}
-
 fn photo(name: &str) -> Vec<u8> {
     inferpool_tests::fixtures::photo(name).unwrap()
 }
 
-/// One sidecar process standing for one pod.
-struct Pod {
-    name: String,
-    api: SocketAddr,
-    admin: SocketAddr,
-    child: tokio::process::Child,
-    dir: tempfile::TempDir,
-}
-
+/// A free port on `ip`.
 fn free(ip: &str) -> SocketAddr {
     std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
 }
 
-impl Pod {
-    fn spawn(name: &str, ip: &str) -> Pod {
-        let dir = tempfile::tempdir().unwrap();
-        let (api, admin) = (free(ip), free(ip));
-        let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
-        let child = tokio::process::Command::new(sidecar_bin())
-            .env("INFERPOOL_LISTEN", api.to_string())
-            .env("INFERPOOL_ADMIN_LISTEN", admin.to_string())
-            .env("INFERPOOL_MODEL", root().join("models/effnet_lite0/card.json"))
-            .env("INFERPOOL_PROVIDER", "cpu")
-            .env("INFERPOOL_THREADS", "1")
-            .env("INFERPOOL_DISK_MB", "16")
-            .env("INFERPOOL_ADMIN_TOKEN", TOKEN)
-            .env("INFERPOOL_DATA_DIR", dir.path().join("data"))
-            .current_dir(dir.path())
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        Pod { name: name.to_owned(), api, admin, child, dir }
-    }
+/// One sidecar process standing for one pod.
+type Pod = SidecarProcess;
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
-    }
-
-    /// Waits for the admin `/ready` latch (polled, as a kubelet's readiness probe does).
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = send(Method::GET, &format!("http://{}/ready", self.admin), &[], Vec::new()).await
-                && r.0 == 200
-            {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("sidecar {} exited ({status}):\n{}", self.name, self.log());
-            }
-            assert!(Instant::now() < deadline, "sidecar {} not ready in 120 s:\n{}", self.name, self.log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn embed(&self, image: &[u8]) -> String {
-        let url = format!("http://{}/api/v1/embed", self.api);
-        let (status, body) = send(Method::POST, &url, &[("content-type", "image/png")], image.to_vec()).await.unwrap();
-        assert_eq!(status, 200, "{}: {}", self.name, String::from_utf8_lossy(&body));
-        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        json["cache"].as_str().unwrap_or_default().to_owned()
-    }
+fn spawn(name: &str, ip: &str) -> Pod {
+    SidecarProcess::spawn(name, ip, &[("INFERPOOL_ADMIN_TOKEN", TOKEN)]).unwrap()
 }
 
-async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<(u16, Bytes), String> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    let mut req = Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let call = client.request(req.body(Full::new(Bytes::from(body))).unwrap());
-    let resp = tokio::time::timeout(Duration::from_secs(30), call).await.map_err(|e| e.to_string())?;
-    let resp = resp.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes()))
+async fn embed(pod: &Pod, image: &[u8]) -> String {
+    let url = format!("http://{}/api/v1/embed", pod.api);
+    let (status, body) = send(Method::POST, &url, &[("content-type", "image/png")], image.to_vec()).await.unwrap();
+    assert_eq!(status, 200, "{}: {}", pod.name, String::from_utf8_lossy(&body));
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    json["cache"].as_str().unwrap_or_default().to_owned()
 }
 
 fn source(url: &str) -> PrometheusSource {
@@ -168,9 +97,9 @@ async fn garbage_server(answer: &'static str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_source_samples_real_sidecars() {
     let names = [format!("{POOL}-0"), format!("{POOL}-1")];
-    let mut pods = vec![Pod::spawn(&names[0], "127.0.0.2"), Pod::spawn(&names[1], "127.0.0.3")];
+    let mut pods = vec![spawn(&names[0], "127.0.0.2"), spawn(&names[1], "127.0.0.3")];
     for pod in &mut pods {
-        pod.wait_ready().await;
+        pod.wait_ready(Duration::from_secs(120)).await.unwrap();
     }
     // faces-1 runs a pushed tuning; faces-0 the one it started with (generation 0).
     let tuning = br#"{"generation":5,"maxBatchSize":8,"maxDelayMs":5}"#.to_vec();
@@ -186,9 +115,9 @@ async fn prometheus_source_samples_real_sidecars() {
     // at the point where a counter would have been zero, which depends on its first value).
     let warm = photo("camera.png");
     for pod in &pods {
-        assert_eq!(pod.embed(&warm).await, "miss");
+        assert_eq!(embed(pod, &warm).await, "miss");
         for _ in 0..3 {
-            assert_eq!(pod.embed(&warm).await, "memory");
+            assert_eq!(embed(pod, &warm).await, "memory");
         }
     }
 
@@ -207,7 +136,7 @@ async fn prometheus_source_samples_real_sidecars() {
     for pod in &pods {
         for image in &photos {
             for _ in 0..4 {
-                pod.embed(image).await;
+                embed(pod, image).await;
             }
         }
     }
@@ -240,7 +169,7 @@ async fn prometheus_source_samples_real_sidecars() {
 
     // A pod whose scrape fails is silent, not a pod without load.
     let mut gone = pods.pop().unwrap();
-    gone.child.kill().await.unwrap();
+    gone.kill().await;
     until_scraped(&prom, "1 - up", &pod_names[1..], 1.0).await;
     let sample = tick(&src, &selector).await.unwrap();
     assert_eq!(sample.pods.iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), [names[0].as_str()]);
