@@ -21,7 +21,7 @@ run-sidecar: setup
 test: setup
 	$(CARGO) test --workspace
 	$(VENV)/python -m pytest -q models/
-	$(VENV)/python -m pytest -q charts/tests
+	INFERPOOL_REQUIRE_OPERATOR=1 $(VENV)/python -m pytest -q charts/tests
 
 ## lint: formatting and clippy, as CI checks them
 lint:
