@@ -264,25 +264,23 @@ async fn tick(
             || p.decision.observed.compliant != decision.observed.compliant
             || p.decision.anomaly != decision.anomaly
     });
-    let last_change = match &previous {
-        Some(p) if p.decision.replicas == decision.replicas && p.decision.tuning == decision.tuning => {
-            p.last_change.clone()
-        }
-        _ if replicas == decision.replicas && tuning == decision.tuning => {
-            previous.as_ref().and_then(|p| p.last_change.clone())
-        }
-        _ => Some(DecisionRecord {
+    // The replicas and tuning in force are the previous decision's, so a decision that keeps them
+    // keeps the previous record of the last change.
+    let last_change = if replicas == decision.replicas && tuning == decision.tuning {
+        previous.as_ref().and_then(|p| p.last_change.clone())
+    } else {
+        Some(DecisionRecord {
             action: describe(replicas, &tuning, decision.replicas, &decision.tuning),
             reason: decision.reason.clone(),
             time: Time(Timestamp::now()),
-        }),
+        })
     };
     record_decision(ctx, &namespace, &name, replicas, &tuning, &decision);
     tracing::debug!(pool = %key, replicas = decision.replicas, mode = ?decision.mode, reason = %decision.reason, "autoscaler tick");
-    ctx.autoscale.put(&key, Applied { decision, last_change });
     // The status's figures are refreshed at most every STATUS_REFRESH, and only when they moved:
     // an idle pool costs the API server nothing.
-    let sla = crate::status::sla_status(&ctx.autoscale.get(&key).map(|a| a.decision.observed).unwrap_or_default());
+    let sla = crate::status::sla_status(&decision.observed);
+    ctx.autoscale.put(&key, Applied { decision, last_change });
     let stale = state.last_trigger.is_none_or(|t| t.elapsed() >= STATUS_REFRESH) && sla != state.last_sla;
     if changed || stale {
         state.last_trigger = Some(Instant::now());
