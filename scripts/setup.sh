@@ -52,11 +52,15 @@ PY
   echo "$ORT_VERSION" >"$ort_dir/VERSION"
 fi
 
-# --- redis-server, openssl and prometheus (Debian) ---------------------------------------------
-# The cache tests start their own redis-server; the TLS test makes its certificates with openssl;
-# the autoscaler's Prometheus-source test starts its own prometheus (on a free port, with a
-# temporary config and TSDB). Only the binaries are used: the packages' services are not started.
+# --- build tools, redis-server, openssl and prometheus (Debian) --------------------------------
+# cmake and nasm build libjpeg-turbo from the turbojpeg crate's bundled source (linked statically;
+# Debian 12's libjpeg-turbo 2.1 is older than the API the crate binds). The cache tests start
+# their own redis-server; the TLS test makes its certificates with openssl; the autoscaler's
+# Prometheus-source test starts its own prometheus (on a free port, with a temporary config and
+# TSDB). Only the binaries are used: the packages' services are not started.
 missing=()
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v nasm >/dev/null 2>&1 || missing+=(nasm)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)

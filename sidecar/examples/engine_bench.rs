@@ -2,7 +2,7 @@
 //! sidecar against.
 //!
 //! One real image is preprocessed once (so the tensor holds realistic values), copied into a batch
-//! of the size the sidecar runs at saturation, and fed to one [`Engine`] over and over for a fixed
+//! of the size the sidecar runs at saturation, and fed to one [`OnnxEngine`] over and over for a fixed
 //! time after a warm-up. Separately, the same image is decoded, resized and normalised in a loop on
 //! one thread, which is the CPU each HTTP request costs before it reaches the batcher. Both numbers
 //! go to stdout as one JSON object.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use inferpool_sidecar::config::ProviderChoice;
-use inferpool_sidecar::engine::{Engine, EngineOptions};
+use inferpool_sidecar::engine::{EngineOptions, OnnxEngine};
 use inferpool_sidecar::model::{LoadedCard, Optimization};
 use inferpool_sidecar::preprocess::Preprocessor;
 use serde_json::json;
@@ -58,10 +58,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
-    let threads = match args.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let threads = (args.threads > 0).then_some(args.threads);
     let model =
         args.model.clone().or_else(default_model).context("no --model and no default model; run `make setup`")?;
     let card = LoadedCard::load(&model).with_context(|| format!("loading {}", model.display()))?;
@@ -75,9 +72,14 @@ fn main() -> anyhow::Result<()> {
         preprocessor.prepare(&bytes).map(drop).context("preprocessing the image")
     })?;
 
-    let opts =
-        EngineOptions { library: None, provider: ProviderChoice::Auto, optimization: args.optimization, threads };
-    let mut engine = Engine::load(&card, &opts).context("loading the model")?;
+    let opts = EngineOptions {
+        library: None,
+        provider: ProviderChoice::Auto,
+        optimization: args.optimization,
+        threads,
+        sessions: 1,
+    };
+    let mut engine = OnnxEngine::load(&card, &opts).context("loading the model")?;
     let batch: Vec<f32> = tensor.iter().copied().cycle().take(tensor.len() * args.batch).collect();
     let mut run = || engine.run(batch.clone(), args.batch).map(drop).context("inference");
     time_loop(Duration::from_secs_f64(args.warmup_seconds), &mut run)?;

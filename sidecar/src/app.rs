@@ -6,11 +6,14 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::batcher::Batcher;
 use crate::cache::Cache;
-use crate::cache::coalesce::Coalescer;
 use crate::config::Config;
-use crate::engine::{Engine, EngineError, EngineOptions, Provider};
+use crate::embed::admission::ServiceRates;
+use crate::embed::batcher::Batcher;
+use crate::embed::decode::DecodePool;
+use crate::embed::engine::Engine;
+use crate::embed::{Pipeline, Stages};
+use crate::engine::{EngineError, EngineOptions, OnnxEngine, Provider};
 use crate::metrics::Metrics;
 use crate::model::{LoadedCard, Variant};
 use crate::preprocess::Preprocessor;
@@ -24,6 +27,8 @@ pub struct Loaded {
     pub provider: Provider,
     /// Variant in use.
     pub variant: Variant,
+    /// Intra-op threads per session.
+    pub threads: usize,
 }
 
 /// Where the sidecar is in its life.
@@ -51,20 +56,14 @@ pub struct App {
     pub profiles: Arc<ProfileStore>,
     /// Shares profiles with the pool's other replicas through Redis, when configured.
     pub profile_sync: Option<Arc<ProfileSync>>,
-    /// Images being decoded at once: one per CPU, so a burst cannot spawn hundreds of threads.
-    pub decoders: tokio::sync::Semaphore,
     /// Metrics and SLA windows.
     pub metrics: Arc<Metrics>,
     /// Identifies the model family that made an embedding; profiles made by another are stale.
     pub fingerprint: String,
     /// The embedding cache (tiers that are configured off hold nothing).
     pub cache: Arc<Cache>,
-    /// Images being embedded now, so identical concurrent requests share one inference.
-    pub inflight: Coalescer<Arc<[f32]>, crate::http::ApiError>,
-    /// What cache keys are derived under: the exact model file and preprocessing, set on load.
-    cache_namespace: OnceLock<String>,
-    /// Set once the model is loaded and warmed.
-    batcher: OnceLock<Batcher>,
+    /// The request pipeline, set once the model is loaded and warmed.
+    pipeline: OnceLock<Pipeline>,
     loaded: OnceLock<Loaded>,
     phase: watch::Sender<Phase>,
     /// When the process started serving.
@@ -80,6 +79,12 @@ pub enum StartError {
     /// The engine could not load the model.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The batcher could not start its sessions.
+    #[error(transparent)]
+    Batcher(#[from] crate::embed::batcher::StartError),
+    /// The decode threads could not start.
+    #[error("cannot start the decode threads: {0}")]
+    Decode(std::io::Error),
     /// The profile store could not be opened.
     #[error("profile store: {0}")]
     Profiles(#[from] crate::profiles::ProfileError),
@@ -103,22 +108,21 @@ impl App {
         metrics.memory_limit.set(config.memory_limit.map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX)));
         let fingerprint = fingerprint(&card);
         let profiles = Arc::new(ProfileStore::open(&config.data_dir, &fingerprint, card.card.output.dim)?);
-        let preprocessor = Arc::new(Preprocessor::new(card.card.input.clone(), config.max_pixels));
+        let preprocessor = Arc::new(
+            Preprocessor::new(card.card.input.clone(), config.max_pixels).with_jpeg_decode(config.jpeg_decode),
+        );
         let cache = Cache::open(&config.cache, card.card.output.dim, Arc::clone(&metrics))?;
         let profile_sync = cache.redis().map(|r| Arc::new(ProfileSync::new(Arc::clone(r), Arc::clone(&profiles))));
         Ok(App {
             profile_sync,
             cache,
-            cache_namespace: OnceLock::new(),
-            inflight: Coalescer::default(),
+            pipeline: OnceLock::new(),
             config,
             card,
             preprocessor,
             profiles,
-            decoders: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
             metrics,
             fingerprint,
-            batcher: OnceLock::new(),
             loaded: OnceLock::new(),
             phase: watch::Sender::new(Phase::Loading),
             started: Instant::now(),
@@ -140,36 +144,49 @@ impl App {
             provider: cfg.provider,
             optimization: cfg.optimization,
             threads: cfg.threads,
+            sessions: cfg.sessions,
         };
-        let engines = (0..cfg.sessions).map(|_| Engine::load(&self.card, &opts)).collect::<Result<Vec<_>, _>>()?;
-        let loaded = Loaded { provider: engines[0].provider(), variant: engines[0].variant() };
+        let engines = (0..cfg.sessions).map(|_| OnnxEngine::load(&self.card, &opts)).collect::<Result<Vec<_>, _>>()?;
+        let first = &engines[0];
+        let loaded = Loaded { provider: first.provider(), variant: first.variant(), threads: first.threads() };
         self.metrics.set_model(&self.card.card.name, loaded.variant.as_str(), loaded.provider.as_str());
+        let engines = engines.into_iter().map(|e| Box::new(e) as Box<dyn Engine>).collect();
+        let rates = Arc::new(ServiceRates::default());
         let batcher = Batcher::start(
             engines,
             cfg.tuning,
             cfg.queue_capacity,
             Arc::clone(&self.preprocessor),
             Arc::clone(&self.metrics),
+            Arc::clone(&rates),
         )?;
-        let _ = self.cache_namespace.set(cache_namespace(&self.card, loaded.variant));
+        let decode = DecodePool::start(
+            cfg.decode_threads,
+            Arc::clone(&self.preprocessor),
+            Arc::clone(&self.metrics),
+            Arc::clone(&rates),
+        )
+        .map_err(StartError::Decode)?;
+        let stages = Stages::new(decode, batcher, rates, Arc::clone(&self.metrics));
+        let namespace = cache_namespace(&self.card, loaded.variant, self.preprocessor.jpeg_decode());
+        let _ = self.pipeline.set(Pipeline::new(stages, Arc::clone(&self.cache), namespace, Arc::clone(&self.metrics)));
         let _ = self.loaded.set(loaded);
-        let _ = self.batcher.set(batcher);
         Ok(loaded)
+    }
+
+    /// The request pipeline, once the model is ready (None while loading and draining).
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        self.pipeline.get().filter(|_| self.is_ready())
     }
 
     /// The batcher, once the model is ready.
     pub fn batcher(&self) -> Option<&Batcher> {
-        self.batcher.get().filter(|_| self.is_ready())
+        self.pipeline().map(|p| &p.stages.batcher)
     }
 
     /// The batcher even while draining (for tuning and reports).
     pub fn batcher_any(&self) -> Option<&Batcher> {
-        self.batcher.get()
-    }
-
-    /// The cache key of an image under the model being served (None before the model is loaded).
-    pub fn cache_key(&self, image: &[u8]) -> Option<crate::cache::Key> {
-        self.cache_namespace.get().map(|ns| crate::cache::Key::of(ns, image))
+        self.pipeline.get().map(|p| &p.stages.batcher)
     }
 
     /// Provider and variant, once loaded.
@@ -197,10 +214,10 @@ impl App {
         self.phase.send_replace(Phase::Draining);
     }
 
-    /// Stops the batcher after queued work has run.
+    /// Stops the decode stage and the batcher after queued work has run.
     pub fn drain(&self) {
-        if let Some(b) = self.batcher.get() {
-            b.shutdown();
+        if let Some(p) = self.pipeline.get() {
+            p.stages.shutdown();
         }
     }
 }
@@ -216,9 +233,15 @@ fn fingerprint(card: &LoadedCard) -> String {
 const PREPROCESS_VERSION: u32 = 1;
 
 /// What a cached embedding depends on: the exact model file in use (its sha256), the input
-/// specification from the card, and the preprocessing code. Change any and every key changes.
-fn cache_namespace(card: &LoadedCard, variant: Variant) -> String {
+/// specification from the card, and the preprocessing code and JPEG decoding mode (reduced and
+/// full decoding give embeddings that are close, not equal). Change any and every key changes.
+fn cache_namespace(card: &LoadedCard, variant: Variant, jpeg: crate::preprocess::JpegDecode) -> String {
     let sha = card.variants().find(|(v, _)| *v == variant).map(|(_, f)| f.sha256.as_str()).unwrap_or("");
     let input = serde_json::to_string(&card.card.input).unwrap_or_default();
-    format!("{}|{sha}|{input}|pre{PREPROCESS_VERSION}", card.card.name)
+    let jpeg = match jpeg {
+        // Full decoding is what every key meant before reduced decoding existed: keep those keys.
+        crate::preprocess::JpegDecode::Full => String::new(),
+        other => format!("|jpeg-{}", other.as_str()),
+    };
+    format!("{}|{sha}|{input}|pre{PREPROCESS_VERSION}{jpeg}", card.card.name)
 }

@@ -1,4 +1,5 @@
-//! The ONNX Runtime engine: one `ort` session that turns a batch of image tensors into embeddings.
+//! The ONNX Runtime engine: one `ort` session that turns a batch of image tensors into embeddings,
+//! the implementation of [`crate::embed::engine::Engine`] that serves traffic.
 //!
 //! The runtime library is loaded at run time (`load-dynamic`) from the first of: `--ort-library`,
 //! `ORT_DYLIB_PATH`, next to the binary, the checkout's `.cache/onnxruntime/` (put there by
@@ -15,6 +16,7 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::Tensor;
 
 use crate::config::ProviderChoice;
+use crate::embed::engine::InferError;
 use crate::model::{Layout, LoadedCard, Optimization, Variant};
 
 /// Name of the ONNX Runtime library on this platform.
@@ -68,8 +70,25 @@ pub struct EngineOptions {
     pub provider: ProviderChoice,
     /// Optimisation level (variant and graph optimisation).
     pub optimization: Optimization,
-    /// Intra-op threads per session.
-    pub threads: usize,
+    /// Intra-op threads per session; None = chosen for the provider ([`EngineOptions::intra_threads`]).
+    pub threads: Option<usize>,
+    /// Sessions in the process (they share the CPUs).
+    pub sessions: usize,
+}
+
+impl EngineOptions {
+    /// Intra-op threads for a session on `provider`: as configured, else one on CUDA (the GPU runs
+    /// the model; the CPUs belong to decoding and batch assembly) and the usable CPUs divided
+    /// among the sessions on the CPU.
+    pub fn intra_threads(&self, provider: Provider) -> usize {
+        match (self.threads, provider) {
+            (Some(n), _) => n.max(1),
+            (None, Provider::Cuda) => 1,
+            (None, Provider::Cpu) => {
+                (std::thread::available_parallelism().map_or(1, |n| n.get()) / self.sessions.max(1)).max(1)
+            }
+        }
+    }
 }
 
 /// The process-wide ONNX Runtime environment, loaded once.
@@ -111,7 +130,7 @@ fn choose_provider(opts: &EngineOptions) -> Result<Provider, EngineError> {
 }
 
 /// One loaded model session.
-pub struct Engine {
+pub struct OnnxEngine {
     session: Session,
     input_name: String,
     output_name: String,
@@ -120,17 +139,18 @@ pub struct Engine {
     dim: usize,
     provider: Provider,
     variant: Variant,
+    threads: usize,
 }
 
-impl Engine {
+impl OnnxEngine {
     /// Loads the model variant that the optimisation level and provider call for, verified against
     /// the card's sha256.
-    pub fn load(card: &LoadedCard, opts: &EngineOptions) -> Result<Engine, EngineError> {
+    pub fn load(card: &LoadedCard, opts: &EngineOptions) -> Result<OnnxEngine, EngineError> {
         let env = environment(opts.library.as_deref())?;
         let mut provider = choose_provider(opts)?;
         let (mut variant, mut path) = card.choose(opts.optimization, provider == Provider::Cuda);
         card.verify(variant, &path)?;
-        let mut builder = session_builder(env, opts)?;
+        let mut builder = session_builder(env, opts, opts.intra_threads(provider))?;
         if provider == Provider::Cuda {
             // cuDNN's default exhaustive algorithm search stays: on an H100 it was at least as fast
             // as the heuristic choice (docs/benchmarks/gpu.md). Its cost, seconds on the first run
@@ -143,18 +163,26 @@ impl Engine {
                     provider = Provider::Cpu;
                     (variant, path) = card.choose(opts.optimization, false);
                     card.verify(variant, &path)?;
+                    builder = session_builder(env, opts, opts.intra_threads(provider))?;
                 }
                 Err(e) => return Err(EngineError::CudaUnavailable(e.to_string())),
             }
         }
         let session = builder.commit_from_file(&path)?;
-        let engine = Self::check(session, card, provider, variant)?;
-        tracing::info!(model = %card.card.name, variant = variant.as_str(), provider = provider.as_str(), threads = opts.threads, file = %path.display(), "model loaded");
+        let threads = opts.intra_threads(provider);
+        let engine = Self::check(session, card, provider, variant, threads)?;
+        tracing::info!(model = %card.card.name, variant = variant.as_str(), provider = provider.as_str(), threads, file = %path.display(), "model loaded");
         Ok(engine)
     }
 
     /// Checks the session's input and output against the card.
-    fn check(session: Session, card: &LoadedCard, provider: Provider, variant: Variant) -> Result<Engine, EngineError> {
+    fn check(
+        session: Session,
+        card: &LoadedCard,
+        provider: Provider,
+        variant: Variant,
+        threads: usize,
+    ) -> Result<OnnxEngine, EngineError> {
         let spec = &card.card;
         if !session.inputs().iter().any(|i| i.name() == spec.input.name) {
             let names: Vec<_> = session.inputs().iter().map(|i| i.name().to_owned()).collect();
@@ -169,7 +197,7 @@ impl Engine {
             Layout::Nchw => [3, h, w],
             Layout::Nhwc => [h, w, 3],
         };
-        Ok(Engine {
+        Ok(OnnxEngine {
             session,
             input_name: spec.input.name.clone(),
             output_name: spec.output.name.clone(),
@@ -177,6 +205,7 @@ impl Engine {
             dim: spec.output.dim,
             provider,
             variant,
+            threads,
         })
     }
 
@@ -185,7 +214,7 @@ impl Engine {
     /// On CUDA the batch is padded with blank images to the next power of two: the first run of
     /// each new input shape costs seconds there (kernel selection and memory planning), and
     /// dynamic batching would otherwise meet every size from 1 to the maximum. With padding the
-    /// GPU sees a handful of shapes, all run once by [`Engine::warm_up`].
+    /// GPU sees a handful of shapes, all run once by [`OnnxEngine::warm_up`].
     pub fn run(&mut self, mut batch: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, EngineError> {
         let rows = self.rows_for(n);
         batch.resize(rows * self.image_len(), 0.0);
@@ -202,7 +231,7 @@ impl Engine {
         Ok(data[..n * self.dim].chunks_exact(self.dim).map(<[f32]>::to_vec).collect())
     }
 
-    /// Rows actually run for `n` images (see [`Engine::run`]).
+    /// Rows actually run for `n` images (see [`OnnxEngine::run`]).
     fn rows_for(&self, n: usize) -> usize {
         if self.provider == Provider::Cuda { n.next_power_of_two() } else { n }
     }
@@ -240,10 +269,25 @@ impl Engine {
     pub fn dim(&self) -> usize {
         self.dim
     }
+
+    /// Intra-op threads of the session.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+impl crate::embed::engine::Engine for OnnxEngine {
+    fn run(&mut self, batch: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, InferError> {
+        OnnxEngine::run(self, batch, n).map_err(|e| InferError(e.to_string()))
+    }
+
+    fn warm_up(&mut self, max_batch: usize) -> Result<(), InferError> {
+        OnnxEngine::warm_up(self, max_batch).map_err(|e| InferError(e.to_string()))
+    }
 }
 
 /// A session builder with the threads and graph optimisation of the optimisation level.
-fn session_builder(env: &Environment, opts: &EngineOptions) -> Result<SessionBuilder, EngineError> {
+fn session_builder(env: &Environment, opts: &EngineOptions, threads: usize) -> Result<SessionBuilder, EngineError> {
     // Accuracy keeps to the basic, numerically exact rewrites; the others allow layout changes
     // and fusions that may move results in the last bits.
     let level = match opts.optimization {
@@ -253,7 +297,7 @@ fn session_builder(env: &Environment, opts: &EngineOptions) -> Result<SessionBui
     let builder = Session::builder(env)?
         .with_optimization_level(level)
         .map_err(ort::Error::<()>::from)?
-        .with_intra_threads(opts.threads)
+        .with_intra_threads(threads)
         .map_err(ort::Error::<()>::from)?
         .with_inter_threads(1)
         .map_err(ort::Error::<()>::from)?

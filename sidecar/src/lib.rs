@@ -2,16 +2,17 @@
 //!
 //! One process per model-replica pod. It serves image embedding and matching over HTTP, batches
 //! concurrent requests into ONNX Runtime, keeps profiles of reference images, and reports its SLA
-//! for the operator. A request flows `http::api` -> `preprocess` (blocking pool) -> `batcher` ->
-//! `engine` -> `matcher`; `metrics` and `sla` observe every step, `report` serves what they saw.
+//! for the operator. A request flows `http::api` (parse) -> `embed` (the request pipeline: cache
+//! tiers, admission, the decode stage running `preprocess`, the batcher, the engine) -> `matcher`;
+//! `metrics` and `sla` observe every step, `report` serves what they saw.
 //!
 //! [`run`] is the whole server as a library function: it takes bound listeners and a shutdown
 //! future, so tests bind port 0 and stop it cleanly.
 
 pub mod app;
-pub mod batcher;
 pub mod cache;
 pub mod config;
+pub mod embed;
 pub mod engine;
 pub mod http;
 pub mod matcher;

@@ -59,6 +59,28 @@ impl Route {
     }
 }
 
+/// Pipeline stages as metric labels: where a request whose deadline passed was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Before any work (the deadline was already past when the request was judged).
+    Admission,
+    /// While waiting for a decoder: never decoded.
+    Decode,
+    /// While waiting for a batch: decoded, never run through the model.
+    Inference,
+}
+
+impl Stage {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Admission => "admission",
+            Stage::Decode => "decode",
+            Stage::Inference => "inference",
+        }
+    }
+}
+
 /// All of the sidecar's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +91,17 @@ pub struct Metrics {
     batch_size: Histogram,
     /// Requests waiting in the batch queue.
     pub queue_depth: IntGauge,
+    /// Images waiting for a decoder.
+    pub decode_queue_depth: IntGauge,
+    /// Images being decoded now (at most `decode_workers`).
+    pub decode_inflight: IntGauge,
+    /// Most images decoded at once since start.
+    pub decode_inflight_peak: IntGauge,
+    /// Decode threads.
+    pub decode_workers: IntGauge,
+    decode_seconds: Histogram,
+    expired: IntCounterVec,
+    refused: IntCounterVec,
     cache_requests: IntCounterVec,
     cache_entries: IntGaugeVec,
     cache_bytes: IntGaugeVec,
@@ -134,6 +167,30 @@ impl Metrics {
             &["route"],
         )?;
         let queue_depth = IntGauge::new("inferpool_queue_depth", "Requests waiting in the batch queue.")?;
+        let decode_queue_depth = IntGauge::new("inferpool_decode_queue_depth", "Images waiting for a decoder.")?;
+        let decode_inflight = IntGauge::new("inferpool_decode_inflight", "Images being decoded now.")?;
+        let decode_inflight_peak =
+            IntGauge::new("inferpool_decode_inflight_peak", "Most images decoded at once since start.")?;
+        let decode_workers = IntGauge::new("inferpool_decode_workers", "Decode threads.")?;
+        let decode_seconds = hist(
+            "inferpool_decode_seconds",
+            "Time one image took to decode and resize on one decode thread.",
+            LATENCY_BUCKETS,
+        )?;
+        let expired = IntCounterVec::new(
+            Opts::new(
+                "inferpool_expired_total",
+                "Requests dropped because their deadline passed, by the stage they were waiting for.",
+            ),
+            &["stage"],
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "inferpool_admission_refused_total",
+                "Requests refused before any decoding (429), by reason: queue_full or overloaded.",
+            ),
+            &["reason"],
+        )?;
         let cache_requests = IntCounterVec::new(
             Opts::new("inferpool_cache_requests_total", "Embedding cache lookups, by tier and result."),
             &["tier", "result"],
@@ -192,6 +249,12 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
             Box::new(queue_depth.clone()),
+            Box::new(decode_queue_depth.clone()),
+            Box::new(decode_inflight.clone()),
+            Box::new(decode_inflight_peak.clone()),
+            Box::new(decode_workers.clone()),
+            Box::new(expired.clone()),
+            Box::new(refused.clone()),
             Box::new(cache_requests.clone()),
             Box::new(cache_entries.clone()),
             Box::new(cache_bytes.clone()),
@@ -219,6 +282,13 @@ impl Metrics {
             inference_duration,
             batch_size,
             queue_depth,
+            decode_queue_depth,
+            decode_inflight,
+            decode_inflight_peak,
+            decode_workers,
+            decode_seconds,
+            expired,
+            refused,
             cache_requests,
             cache_entries,
             cache_bytes,
@@ -253,6 +323,36 @@ impl Metrics {
     pub fn queue_wait(&self, wait: Duration) {
         self.queue_wait.observe(wait.as_secs_f64());
         self.windows.queue_wait(Instant::now(), wait);
+    }
+
+    /// One image decoded and resized.
+    pub fn decoded(&self, took: Duration) {
+        self.decode_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Images decoded so far.
+    pub fn images_decoded(&self) -> u64 {
+        self.decode_seconds.get_sample_count()
+    }
+
+    /// A request dropped at `stage` because its deadline passed.
+    pub fn expired(&self, stage: Stage) {
+        self.expired.with_label_values(&[stage.as_str()]).inc();
+    }
+
+    /// Requests dropped at `stage` so far.
+    pub fn expired_at(&self, stage: Stage) -> u64 {
+        self.expired.with_label_values(&[stage.as_str()]).get()
+    }
+
+    /// A request refused before any work, for `reason` (`queue_full` or `overloaded`).
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Requests refused for `reason` so far.
+    pub fn refused_for(&self, reason: &'static str) -> u64 {
+        self.refused.with_label_values(&[reason]).get()
     }
 
     /// A batch run through the model.

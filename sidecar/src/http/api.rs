@@ -1,7 +1,8 @@
 //! The public API: embedding, matching, scanning, profiles, probes and reports.
 //!
 //! Handlers parse and check everything they can before any inference runs (unknown profile, bad
-//! headers, a deadline already past), so a bad request never costs model time.
+//! headers, a deadline already past), so a bad request never costs model time. Embedding itself
+//! is the request pipeline's (`crate::embed`); this module only turns requests into its inputs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +17,7 @@ use serde_json::json;
 
 use super::{ApiError, Resp, Routed, blocking, json, read_body, text};
 use crate::app::App;
-use crate::batcher::{BatchError, Embedded, Priority};
-use crate::cache::coalesce::{Role, follow};
+use crate::embed::{CacheMode, EmbedError, Outcome, Priority, RequestOptions};
 use crate::matcher;
 use crate::metrics::Route;
 use crate::profiles::{Profile, ProfileError};
@@ -81,25 +81,6 @@ pub fn metrics_text(app: &App) -> Resp {
     text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.encode())
 }
 
-/// Priority, deadline and cache use of a request, from its headers.
-#[derive(Clone, Copy)]
-struct RequestOptions {
-    priority: Priority,
-    deadline: Instant,
-    cache: CacheMode,
-}
-
-/// How a request may use the cache (`Cache-Control`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CacheMode {
-    /// Look up, and store what is computed.
-    Use,
-    /// `no-cache`: compute afresh and refresh the stored entry.
-    Refresh,
-    /// `no-store`: compute afresh and store nothing.
-    Bypass,
-}
-
 /// Reads `Cache-Control` request directives; `no-store` wins over `no-cache`, others are ignored
 /// (as HTTP caches do with directives they do not implement).
 fn cache_mode(value: Option<&str>) -> CacheMode {
@@ -142,7 +123,7 @@ fn request_options(app: &App, headers: &HeaderMap, min_deadline: Duration) -> Re
     };
     let deadline = arrived + budget;
     if budget.is_zero() {
-        return Err(BatchError::DeadlineExceeded.into());
+        return Err(EmbedError::DeadlineExceeded.into());
     }
     let cache = cache_mode(header("cache-control")?);
     Ok(RequestOptions { priority, deadline, cache })
@@ -160,98 +141,13 @@ fn require_content_type(headers: &HeaderMap, accepted: &[&str], want: &'static s
     }
 }
 
-/// An embedding and how it was obtained.
-struct Outcome {
-    embedding: Arc<[f32]>,
-    /// `memory`, `disk`, `redis` (a hit), `miss`, `coalesced`, `refresh` or `bypass`.
-    cache: &'static str,
-    queue_wait: Duration,
-    inference: Duration,
-}
-
-impl Outcome {
-    fn computed(e: Embedded, cache: &'static str) -> Self {
-        Outcome { embedding: Arc::from(e.embedding), cache, queue_wait: e.queue_wait, inference: e.inference }
-    }
-
-    fn cached(embedding: Arc<[f32]>, cache: &'static str) -> Self {
-        Outcome { embedding, cache, queue_wait: Duration::ZERO, inference: Duration::ZERO }
-    }
-}
-
-/// The embedding of an image: from the cache when allowed and present, else from the model, with
-/// identical concurrent requests sharing one inference and the result stored in every tier.
-async fn embed_image(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Result<Outcome, ApiError> {
+/// The embedding of an image, through the request pipeline of the loaded model.
+async fn embed_image(app: &App, bytes: Bytes, opts: &RequestOptions) -> Result<Outcome, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::EmptyBody);
     }
-    let key = app.cache_key(&bytes).filter(|_| app.is_ready()).ok_or(ApiError::NotReady)?;
-    match opts.cache {
-        CacheMode::Bypass => return Ok(Outcome::computed(embed_bytes(app, bytes, opts).await?, "bypass")),
-        CacheMode::Refresh => {
-            let out = Outcome::computed(embed_bytes(app, bytes, opts).await?, "refresh");
-            app.cache.store(key, Arc::clone(&out.embedding));
-            return Ok(out);
-        }
-        CacheMode::Use => {}
-    }
-    if let Some(hit) = app.cache.lookup(&key).await {
-        app.metrics.cache_outcome(Some(hit.tier));
-        return Ok(Outcome::cached(hit.value, hit.tier.as_str()));
-    }
-    app.metrics.cache_outcome(None);
-    loop {
-        match app.inflight.join(key) {
-            Role::Leader(leader) => {
-                // Another leader may have finished between the lookup and now.
-                if let Some(value) = app.cache.memory().get(&key) {
-                    leader.finish(Ok(Arc::clone(&value)));
-                    return Ok(Outcome::cached(value, "coalesced"));
-                }
-                return match embed_bytes(app, bytes, opts).await {
-                    Ok(e) => {
-                        let out = Outcome::computed(e, "miss");
-                        app.cache.store(key, Arc::clone(&out.embedding));
-                        leader.finish(Ok(Arc::clone(&out.embedding)));
-                        Ok(out)
-                    }
-                    // This request's own deadline passed; followers may have longer ones, so they
-                    // take over rather than share the timeout.
-                    Err(e @ ApiError::Batch(BatchError::DeadlineExceeded)) => Err(e),
-                    Err(e) => {
-                        let e = Arc::new(e);
-                        leader.finish(Err(Arc::clone(&e)));
-                        Err(ApiError::Shared(e))
-                    }
-                };
-            }
-            Role::Follower(rx) => {
-                let waited = tokio::time::timeout_at(opts.deadline.into(), follow(rx)).await;
-                match waited.map_err(|_| BatchError::DeadlineExceeded)? {
-                    Some(Ok(value)) => {
-                        app.metrics.cache_coalesced.inc();
-                        return Ok(Outcome::cached(value, "coalesced"));
-                    }
-                    Some(Err(e)) => return Err(ApiError::Shared(e)),
-                    None => continue,
-                }
-            }
-        }
-    }
-}
-
-/// Admits the request, decodes and normalises the image on the blocking pool (at most one image
-/// per CPU at a time), then queues it for inference. Admission comes first so that a request
-/// refused for load costs no decoding.
-async fn embed_bytes(app: &Arc<App>, bytes: Bytes, opts: &RequestOptions) -> Result<Embedded, ApiError> {
-    let batcher = app.batcher().ok_or(ApiError::NotReady)?;
-    let slot = batcher.admit()?;
-    let tensor = {
-        let _decoding = app.decoders.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
-        let pre = Arc::clone(&app.preprocessor);
-        blocking(move || pre.prepare_pixels(&bytes)).await??
-    };
-    Ok(batcher.embed(&slot, tensor, opts.priority, opts.deadline).await?)
+    let pipeline = app.pipeline().ok_or(ApiError::NotReady)?;
+    Ok(pipeline.embed(bytes, opts).await?)
 }
 
 /// Checks headers, reads the image body and embeds it.

@@ -6,7 +6,9 @@
 
 use http::StatusCode;
 
-use crate::batcher::BatchError;
+use std::time::Duration;
+
+use crate::embed::EmbedError;
 use crate::preprocess::PreprocessError;
 use crate::profiles::ProfileError;
 
@@ -69,9 +71,6 @@ pub enum ApiError {
     /// The JSON is well-formed but its content is invalid.
     #[error("{0}")]
     Unprocessable(String),
-    /// The image could not be used.
-    #[error(transparent)]
-    Image(#[from] PreprocessError),
     /// A profile operation failed.
     #[error(transparent)]
     Profile(#[from] ProfileError),
@@ -83,19 +82,16 @@ pub enum ApiError {
     Unauthorized,
     /// A tuning push older than the one in force.
     #[error(transparent)]
-    StaleTuning(#[from] crate::batcher::StaleTuning),
-    /// The batcher could not produce an embedding.
+    StaleTuning(#[from] crate::embed::batcher::StaleTuning),
+    /// The request pipeline could not produce an embedding.
     #[error(transparent)]
-    Batch(#[from] BatchError),
+    Embed(#[from] EmbedError),
     /// The model is not loaded yet.
     #[error("the model is still loading; retry when /readyz answers 200")]
     NotReady,
     /// Something that should not fail did.
     #[error("internal error: {0}")]
     Internal(String),
-    /// The error of another request's inference that this one shared (coalescing).
-    #[error(transparent)]
-    Shared(std::sync::Arc<ApiError>),
 }
 
 impl ApiError {
@@ -115,12 +111,6 @@ impl ApiError {
             ApiError::BadBase64 { .. } => (S::BAD_REQUEST, "invalid_base64"),
             ApiError::InReference(_, inner) => inner.status_code(),
             ApiError::Unprocessable(_) => (S::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ApiError::Image(e) => match e {
-                PreprocessError::Empty => (S::BAD_REQUEST, "empty_body"),
-                PreprocessError::UnknownFormat => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_image"),
-                PreprocessError::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "image_too_large"),
-                PreprocessError::Corrupt(_) => (S::UNPROCESSABLE_ENTITY, "corrupt_image"),
-            },
             ApiError::Profile(e) => match e {
                 ProfileError::NotFound(_) => (S::NOT_FOUND, "profile_not_found"),
                 ProfileError::InvalidId(_) => (S::BAD_REQUEST, "invalid_profile_id"),
@@ -131,15 +121,40 @@ impl ApiError {
             ApiError::StaleProfile(_) => (S::CONFLICT, "stale_profile"),
             ApiError::Unauthorized => (S::UNAUTHORIZED, "unauthorized"),
             ApiError::StaleTuning(_) => (S::CONFLICT, "stale_generation"),
-            ApiError::Batch(e) => match e {
-                BatchError::QueueFull(_) => (S::TOO_MANY_REQUESTS, "queue_full"),
-                BatchError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
-                BatchError::DeadlineExceeded => (S::GATEWAY_TIMEOUT, "deadline_exceeded"),
-                BatchError::Engine(_) => (S::INTERNAL_SERVER_ERROR, "inference_failed"),
-            },
+            ApiError::Embed(e) => embed_status(e),
             ApiError::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
-            ApiError::Shared(inner) => inner.status_code(),
         }
+    }
+
+    /// When a refused client should try again (the `Retry-After` of 429 and 503 answers).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Embed(e) => e.retry_after(),
+            ApiError::InReference(_, inner) => inner.retry_after(),
+            ApiError::NotReady => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+/// Status and code of a pipeline error.
+fn embed_status(e: &EmbedError) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    match e {
+        EmbedError::Empty => (S::BAD_REQUEST, "empty_body"),
+        EmbedError::Image(e) => match e {
+            PreprocessError::Empty => (S::BAD_REQUEST, "empty_body"),
+            PreprocessError::UnknownFormat => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_image"),
+            PreprocessError::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "image_too_large"),
+            PreprocessError::Corrupt(_) => (S::UNPROCESSABLE_ENTITY, "corrupt_image"),
+        },
+        EmbedError::QueueFull { .. } => (S::TOO_MANY_REQUESTS, "queue_full"),
+        EmbedError::Overloaded(_) => (S::TOO_MANY_REQUESTS, "overloaded"),
+        EmbedError::DeadlineExceeded => (S::GATEWAY_TIMEOUT, "deadline_exceeded"),
+        EmbedError::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
+        EmbedError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
+        EmbedError::Inference(_) => (S::INTERNAL_SERVER_ERROR, "inference_failed"),
+        EmbedError::Shared(inner) => embed_status(inner),
     }
 }

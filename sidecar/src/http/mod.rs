@@ -46,12 +46,14 @@ pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Byte
     resp
 }
 
-/// The JSON error body for an [`ApiError`], with Retry-After on 429 and 503.
+/// The JSON error body for an [`ApiError`], with Retry-After on 429 and 503 (whole seconds: the
+/// time the queue needs to drain for a load refusal, 1 otherwise).
 pub fn error_response(err: &ApiError) -> Resp {
     let (status, code) = err.status_code();
     let mut resp = json(status, &serde_json::json!({"error": {"code": code, "message": err.to_string()}}));
     if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        let seconds = err.retry_after().map_or(1, |d| d.as_secs().max(1));
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
     }
     resp
 }

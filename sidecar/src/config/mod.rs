@@ -16,6 +16,7 @@ use crate::cache::CacheConfig;
 use crate::cache::codec::Encoding;
 use crate::cache::redis::RedisConfig;
 use crate::model::Optimization;
+use crate::preprocess::JpegDecode;
 
 /// Exit code for bad configuration (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -52,9 +53,18 @@ pub struct Args {
     /// Model sessions in this process, each with its own worker thread.
     #[arg(long, env = "INFERPOOL_SESSIONS", default_value = "1")]
     pub sessions: String,
-    /// Intra-op threads per session; 0 = the CPUs available divided by the sessions.
+    /// Intra-op threads per session; 0 = chosen for the provider: 1 on CUDA (the CPUs decode),
+    /// the CPUs available divided by the sessions on the CPU.
     #[arg(long, env = "INFERPOOL_THREADS", default_value = "0")]
     pub threads: String,
+    /// Threads that decode and resize images; 0 = the CPUs the process may use (cgroup quota and
+    /// affinity aware). At most this many images are decoded at once.
+    #[arg(long, env = "INFERPOOL_DECODE_THREADS", default_value = "0")]
+    pub decode_threads: String,
+    /// reduced | full: decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers
+    /// the model input, or always at full size.
+    #[arg(long, env = "INFERPOOL_JPEG_DECODE", default_value = "reduced")]
+    pub jpeg_decode: String,
     /// Requests that may wait for inference; beyond it requests get 429 with Retry-After.
     #[arg(long, env = "INFERPOOL_QUEUE_CAPACITY", default_value = "1024")]
     pub queue_capacity: String,
@@ -161,8 +171,12 @@ pub struct Config {
     pub tuning: Tuning,
     /// Model sessions.
     pub sessions: usize,
-    /// Intra-op threads per session (resolved, >= 1).
-    pub threads: usize,
+    /// Intra-op threads per session; None = chosen for the provider at load.
+    pub threads: Option<usize>,
+    /// Decode threads (resolved, >= 1).
+    pub decode_threads: usize,
+    /// How JPEGs are decoded.
+    pub jpeg_decode: JpegDecode,
     /// Batch queue capacity.
     pub queue_capacity: usize,
     /// Default request deadline.
@@ -270,6 +284,8 @@ impl Args {
         };
         let sessions = c.range("sessions", &self.sessions, 1usize, 64);
         let threads = c.range("threads", &self.threads, 0usize, 1024);
+        let decode_threads = c.range("decode-threads", &self.decode_threads, 0usize, 1024);
+        let jpeg_decode = c.parse("jpeg-decode", &self.jpeg_decode, JpegDecode::Reduced);
         let queue_capacity = c.range("queue-capacity", &self.queue_capacity, 1usize, 1 << 20);
         let default_deadline =
             Duration::from_millis(c.range("default-deadline-ms", &self.default_deadline_ms, 1u64, 600_000));
@@ -321,11 +337,9 @@ impl Args {
         if !c.0.is_empty() {
             return Err(ConfigError(c.0));
         }
-        let threads = if threads == 0 {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            (cpus / sessions).max(1)
-        } else {
-            threads
+        let decode_threads = match decode_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         };
         Ok(Config {
             listen,
@@ -336,7 +350,9 @@ impl Args {
             data_dir: self.data_dir,
             tuning,
             sessions,
-            threads,
+            threads: (threads > 0).then_some(threads),
+            decode_threads,
+            jpeg_decode,
             queue_capacity,
             default_deadline,
             max_body_bytes,
@@ -365,116 +381,4 @@ fn default_model() -> Option<PathBuf> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
-        let argv = std::iter::once("inferpool-sidecar").chain(args.iter().copied());
-        Args::try_parse_from(argv).map_err(|e| ConfigError(vec![e.to_string()]))?.into_config()
-    }
-
-    #[test]
-    fn defaults_are_valid_once_setup_has_run() {
-        let model = source_root().unwrap().join("models/effnet_lite0/card.json");
-        let cfg = parse(&["--model", model.to_str().unwrap()]).unwrap();
-        assert_eq!(cfg.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(cfg.admin_listen, "127.0.0.1:9090".parse().unwrap());
-        assert_eq!(cfg.tuning.max_batch_size, 16);
-        assert_eq!(cfg.optimization, Optimization::Balanced);
-        assert!(cfg.threads >= 1);
-    }
-
-    #[test]
-    fn every_bad_value_is_reported_at_once() {
-        let err = parse(&[
-            "--listen",
-            "nowhere",
-            "--max-batch",
-            "0",
-            "--max-delay-ms",
-            "abc",
-            "--optimization",
-            "Fastest",
-            "--provider",
-            "tpu",
-            "--sessions",
-            "0",
-            "--model",
-            "/nonexistent/card.json",
-            "--admin-token-file",
-            "/nonexistent/token",
-        ])
-        .unwrap_err();
-        let text = err.to_string();
-        for needle in [
-            "--listen",
-            "--max-batch 0",
-            "--max-delay-ms \"abc\"",
-            "Fastest",
-            "tpu",
-            "--sessions 0",
-            "/nonexistent/card.json",
-            "/nonexistent/token",
-        ] {
-            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
-        }
-        assert_eq!(err.0.len(), 8, "{text}");
-    }
-
-    #[test]
-    fn cache_defaults_and_bad_cache_values() {
-        let model = source_root().unwrap().join("models/effnet_lite0/card.json");
-        let model = model.to_str().unwrap();
-        let cfg = parse(&["--model", model, "--data-dir", "/srv/data"]).unwrap();
-        assert_eq!(cfg.cache.memory_entries, 1000);
-        assert_eq!(cfg.cache.disk_bytes, 1024 << 20);
-        assert_eq!(cfg.cache.dir, PathBuf::from("/srv/data/cache"));
-        assert!(cfg.cache.redis.is_none());
-        assert_eq!(cfg.cache.encoding, Encoding::F32);
-
-        let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("password");
-        std::fs::write(&secret, "s3cret\n").unwrap();
-        let url = "redis://cache:6379/2";
-        let cfg =
-            parse(&["--model", model, "--redis-url", url, "--redis-password-file", secret.to_str().unwrap()]).unwrap();
-        let redis = cfg.cache.redis.unwrap();
-        assert_eq!(
-            (redis.password.as_deref(), redis.ttl, redis.timeout),
-            (Some("s3cret"), Duration::from_secs(3600), Duration::from_millis(20))
-        );
-
-        let err = parse(&[
-            "--model",
-            model,
-            "--memory-entries",
-            "2000000",
-            "--disk-mb",
-            "lots",
-            "--redis-url",
-            "http://cache:6379",
-            "--redis-password-file",
-            "/nonexistent/password",
-            "--redis-timeout-ms",
-            "0",
-            "--cache-encoding",
-            "f64",
-            "--memory-pressure-ratio",
-            "2",
-        ])
-        .unwrap_err();
-        let text = err.to_string();
-        for needle in [
-            "--memory-entries",
-            "--disk-mb",
-            "--redis-url",
-            "/nonexistent/password",
-            "--redis-timeout-ms 0",
-            "f64",
-            "--memory-pressure-ratio 2",
-        ] {
-            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
-        }
-        assert_eq!(err.0.len(), 7, "{text}");
-    }
-}
+mod tests;

@@ -1,0 +1,89 @@
+//! What the pipeline needs from a model: run a batch of input tensors, get one embedding each.
+//!
+//! ONNX Runtime (`crate::engine::OnnxEngine`) is the implementation that serves traffic. With the
+//! `fake-engine` feature a deterministic [`FakeEngine`] stands in, so batching, admission and
+//! deadline behaviour are tested without ONNX Runtime or a model file.
+
+/// Why a batch produced no embeddings.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct InferError(pub String);
+
+/// A loaded model that turns batches of image tensors into embeddings.
+pub trait Engine: Send + 'static {
+    /// Runs `n` images laid end to end in `batch` (each `tensor_len` values in the card's layout)
+    /// and returns their `n` embeddings, in order.
+    fn run(&mut self, batch: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, InferError>;
+
+    /// Runs every batch shape that batches of up to `max_batch` images will use, so no request
+    /// pays for a shape's first run. Called on the thread that will run every batch.
+    fn warm_up(&mut self, max_batch: usize) -> Result<(), InferError>;
+}
+
+#[cfg(any(test, feature = "fake-engine"))]
+pub use fake::FakeEngine;
+
+#[cfg(any(test, feature = "fake-engine"))]
+mod fake {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::{Engine, InferError};
+
+    /// A model that answers each image with its mean value (repeated `dim` times) after a fixed
+    /// time per batch, and counts what it ran.
+    #[derive(Debug, Clone)]
+    pub struct FakeEngine {
+        /// Values per image in the input.
+        pub tensor_len: usize,
+        /// Embedding length.
+        pub dim: usize,
+        /// Time one batch takes, whatever its size.
+        pub batch_time: Duration,
+        /// Batches started (shared with the test that made the engine).
+        pub entered: Arc<AtomicUsize>,
+        /// Batches run.
+        pub batches: Arc<AtomicUsize>,
+        /// Images run.
+        pub images: Arc<AtomicUsize>,
+        /// Sizes of the batches run, in order.
+        pub sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl FakeEngine {
+        /// A fake for `tensor_len`-value inputs that takes `batch_time` a batch.
+        pub fn new(tensor_len: usize, dim: usize, batch_time: Duration) -> Self {
+            Self {
+                tensor_len,
+                dim,
+                batch_time,
+                entered: Arc::default(),
+                batches: Arc::default(),
+                images: Arc::default(),
+                sizes: Arc::default(),
+            }
+        }
+    }
+
+    impl Engine for FakeEngine {
+        fn run(&mut self, batch: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, InferError> {
+            if batch.len() != n * self.tensor_len {
+                return Err(InferError(format!("{} values for {n} images of {}", batch.len(), self.tensor_len)));
+            }
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.batch_time);
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            self.images.fetch_add(n, Ordering::SeqCst);
+            self.sizes.lock().unwrap_or_else(|p| p.into_inner()).push(n);
+            Ok(batch
+                .chunks_exact(self.tensor_len.max(1))
+                .map(|image| vec![image.iter().sum::<f32>() / image.len() as f32; self.dim])
+                .collect())
+        }
+
+        fn warm_up(&mut self, _max_batch: usize) -> Result<(), InferError> {
+            Ok(())
+        }
+    }
+}
