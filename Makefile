@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache bench-autoscaling model clean-model autoscaling-plots
+.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache bench-autoscaling bench-pipeline model clean-model autoscaling-plots
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -37,7 +37,7 @@ crd:
 	cp crds/inferencepool.yaml charts/inferpool/crds/inferencepool.yaml
 
 ## bench: benchmarks; reports go to docs/benchmarks/
-bench: bench-sidecar bench-cache bench-autoscaling
+bench: bench-sidecar bench-cache bench-autoscaling bench-pipeline
 
 bench-sidecar: setup
 	scripts/bench-sidecar.sh
@@ -45,6 +45,10 @@ bench-sidecar: setup
 ## bench-cache: cache-miss vs memory, disk and Redis hits; report in docs/benchmarks/cache.md
 bench-cache: setup
 	scripts/bench-cache.sh
+
+## bench-pipeline: decode limit per JPEG decoder, HTTP with reduced and full decoding, 10x overload; report in docs/benchmarks/pipeline.md
+bench-pipeline: setup
+	scripts/bench-pipeline.sh
 
 ## bench-autoscaling: operator CPU/RSS with 100 pools, SLA breach -> decision -> ready replica; report in docs/benchmarks/autoscaling.md
 bench-autoscaling: setup

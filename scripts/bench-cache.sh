@@ -55,12 +55,6 @@ run_dir=.cache/bench/run-cache-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$run_dir"
 log "raw results go to $run_dir"
 
-free_port() {
-  "$py" -c '
-import socket
-s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 cat /proc/loadavg >"$run_dir/loadavg-start"
 {
   printf '{"command": "scripts/bench-cache.sh", "started_utc": "%s", "git_commit": "%s",' \
@@ -75,14 +69,7 @@ cat /proc/loadavg >"$run_dir/loadavg-start"
 # --- Redis --------------------------------------------------------------------------------------
 redis_port=$(free_port)
 redis_pid=
-sidecar_pid=
-data_dir=
-stop_sidecar() {
-  stop_process "$sidecar_pid"
-  sidecar_pid=
-  [ -z "$data_dir" ] || rm -rf "$data_dir"
-  data_dir=
-}
+sidecar_flags=(--threads "$threads")
 stop_all() {
   stop_sidecar
   if [ -n "$redis_pid" ] && kill -0 "$redis_pid" 2>/dev/null; then
@@ -107,32 +94,7 @@ done
 [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] || die "redis-server did not answer; see $run_dir/redis.log"
 redis_url=redis://127.0.0.1:$redis_port
 
-# --- sidecars -----------------------------------------------------------------------------------
-api=
-admin=
-start_sidecar() { # name extra-flags...: one sidecar with its own data directory, ready to serve
-  local name=$1
-  shift
-  local port admin_port
-  port=$(free_port)
-  admin_port=$(free_port)
-  [ "$port" != "$admin_port" ] || admin_port=$(free_port)
-  api=http://127.0.0.1:$port
-  admin=http://127.0.0.1:$admin_port
-  data_dir=$(mktemp -d)
-  log "starting sidecar $name on $api (admin $admin): $*"
-  printf '%s\n' "$*" >"$run_dir/sidecar-$name.flags"
-  INFERPOOL_LOG=info,ort=warn "$sidecar" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
-    --data-dir "$data_dir" --threads "$threads" --shutdown-grace-seconds 5 "$@" \
-    2>"$run_dir/sidecar-$name.log" &
-  sidecar_pid=$!
-  for _ in $(seq 240); do
-    curl -fsS -o /dev/null "$api/readyz" 2>/dev/null && return 0
-    kill -0 "$sidecar_pid" 2>/dev/null || die "sidecar $name exited; see $run_dir/sidecar-$name.log"
-    sleep 0.5
-  done
-  die "sidecar $name was not ready within 120 s; see $run_dir/sidecar-$name.log"
-}
+# --- sidecars: start_sidecar / stop_sidecar from bench-lib.sh ---------------------------------
 
 embed_once() { # output extra-curl-args...: one request; prints the answer's `cache` field
   local out=$1

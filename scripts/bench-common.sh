@@ -1,5 +1,5 @@
 # Sourced by the benchmark scripts: the load generator, the test image, CPU counters and stopping
-# a sidecar. Expects $oha, $image, $py and log() from the caller.
+# a sidecar (bench-lib.sh). Expects $oha, $image, $py and log() from the caller.
 
 if [ ! -x "$oha" ]; then
   log "installing oha into .cache/tools (once; a slow compile)"
@@ -24,11 +24,5 @@ machine_ticks() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}'
 # User + system CPU ticks of one process.
 proc_ticks() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat"; }
 
-stop_process() { # pid: SIGTERM, then SIGKILL after 10 s (a sidecar drains for its 5 s grace here)
-  if [ -n "$1" ] && kill -0 "$1" 2>/dev/null; then
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-  fi
-}
+# free_port, stop_process, start_sidecar, stop_sidecar
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"

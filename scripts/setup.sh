@@ -4,6 +4,7 @@
 #   .cache/venv/          Python tools for the model scripts, reference checks, benchmarks and the
 #                         Helm chart's checks (scripts/requirements.txt)
 #   models/effnet_lite0/  the default model's ONNX variants (generated, checked against card.json)
+#   .cache/photos/        benchmark photos at 640x400, 1920x1080 and 12 MP (scripts/make_photos.py)
 # and installs redis-server, openssl and prometheus from Debian when missing. Idempotent: each step is
 # skipped when its result is already there, so a rerun is fast and works offline once it has run once.
 set -euo pipefail
@@ -77,6 +78,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     log "warning: ${missing[*]} not installed (apt-get install ${missing[*]}); the tests that need them will fail"
   fi
 fi
+
+# --- benchmark photos (640x400, 1920x1080, 12 MP) from scikit-image's bundled photos ------------
+"$venv/bin/python" "$root/scripts/make_photos.py" --out "$cache/photos" --if-missing >/dev/null
 
 # --- the default model --------------------------------------------------------------------------
 "$venv/bin/python" "$root/models/effnet_lite0/convert.py" --out "$root/models/effnet_lite0" --if-missing

@@ -301,6 +301,10 @@ fn session_builder(env: &Environment, opts: &EngineOptions, threads: usize) -> R
         .map_err(ort::Error::<()>::from)?
         .with_inter_threads(1)
         .map_err(ort::Error::<()>::from)?
+        // Spinning intra-op threads wait for work by burning a core; the sidecar's cores are
+        // shared with the decode stage, which then gets less of them.
+        .with_intra_op_spinning(false)
+        .map_err(ort::Error::<()>::from)?
         // Memory: no pre-planned arena patterns, which trade memory for speed.
         .with_memory_pattern(opts.optimization != Optimization::Memory)
         .map_err(ort::Error::<()>::from)?;

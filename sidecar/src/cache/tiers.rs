@@ -124,6 +124,11 @@ impl Cache {
         }))
     }
 
+    /// Whether any tier can hold an answer (memory capacity above zero, a disk tier or Redis).
+    pub fn can_answer(&self) -> bool {
+        self.memory_target() > 0 || self.disk.is_some() || self.redis.is_some()
+    }
+
     /// Looks `key` up tier by tier; a hit is promoted to the tiers above the one that held it.
     pub async fn lookup(&self, key: &Key) -> Option<Hit> {
         let started = Instant::now();

@@ -18,7 +18,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use inferpool_crds::Tuning;
@@ -27,6 +26,7 @@ use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 use super::admission::ServiceRates;
 use super::engine::{Engine, InferError};
 use super::queue::{Lanes, Next, Priority, Waiting};
+use super::workers::Workers;
 use crate::metrics::{Metrics, Stage};
 use crate::preprocess::Preprocessor;
 
@@ -149,7 +149,7 @@ pub struct Slot<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
 /// The batch queue and its threads.
 pub struct Batcher {
     shared: Arc<Shared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Workers,
 }
 
 /// A batch ready to run: the callers and their normalised images laid end to end.
@@ -191,7 +191,7 @@ impl Batcher {
             let idle = Arc::new(AtomicBool::new(true));
             let (batches, inbox) = mpsc::sync_channel::<Batch>(0);
             let (s, warmed_tx, session_idle) = (Arc::clone(&shared), warmed_tx.clone(), Arc::clone(&idle));
-            threads.push(std::thread::Builder::new().name(format!("inferpool-session-{i}")).spawn(move || {
+            threads.push(Workers::spawn(format!("inferpool-session-{i}"), move || {
                 let started = Instant::now();
                 let result = engine.warm_up(max_batch);
                 tracing::info!(session = i, ms = started.elapsed().as_millis() as u64, max_batch, "session warmed up");
@@ -202,15 +202,11 @@ impl Batcher {
                 }
             })?);
             let s = Arc::clone(&shared);
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("inferpool-assemble-{i}"))
-                    .spawn(move || assembler(&s, &batches, &idle))?,
-            );
+            threads.push(Workers::spawn(format!("inferpool-assemble-{i}"), move || assembler(&s, &batches, &idle))?);
         }
         drop(warmed_tx);
         let sessions = shared.sessions;
-        let batcher = Batcher { shared, threads: Mutex::new(threads) };
+        let batcher = Batcher { shared, threads: Workers::new(threads) };
         // Every session answers exactly once; a closed channel means one died before answering.
         for _ in 0..sessions {
             warmed.recv().map_err(|_| StartError::Died)??;
@@ -315,10 +311,7 @@ impl Batcher {
     pub fn shutdown(&self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_all();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in threads {
-            let _ = t.join();
-        }
+        self.threads.join();
     }
 }
 

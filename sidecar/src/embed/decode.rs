@@ -12,7 +12,6 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -20,6 +19,7 @@ use tokio::sync::oneshot;
 
 use super::admission::ServiceRates;
 use super::queue::{Lanes, Next, Priority, Waiting};
+use super::workers::Workers;
 use crate::metrics::{Metrics, Stage};
 use crate::preprocess::{PreprocessError, Preprocessor};
 
@@ -86,7 +86,7 @@ impl Shared {
 /// The decode threads and their queue.
 pub struct DecodePool {
     shared: Arc<Shared>,
-    workers: Mutex<Vec<JoinHandle<()>>>,
+    workers: Workers,
     size: usize,
 }
 
@@ -109,11 +109,11 @@ impl DecodePool {
         let threads = (0..size)
             .map(|i| {
                 let shared = Arc::clone(&shared);
-                std::thread::Builder::new().name(format!("inferpool-decode-{i}")).spawn(move || worker(&shared))
+                Workers::spawn(format!("inferpool-decode-{i}"), move || worker(&shared))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         shared.metrics.decode_workers.set(size as i64);
-        Ok(DecodePool { shared, workers: Mutex::new(threads), size })
+        Ok(DecodePool { shared, workers: Workers::new(threads), size })
     }
 
     /// Decode threads.
@@ -158,10 +158,7 @@ impl DecodePool {
     pub fn shutdown(&self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_all();
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        for w in workers {
-            let _ = w.join();
-        }
+        self.workers.join();
     }
 }
 

@@ -18,6 +18,7 @@ pub mod batcher;
 pub mod decode;
 pub mod engine;
 pub mod queue;
+pub mod workers;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -187,14 +188,20 @@ impl Stages {
                 other => other,
             }
         })?;
+        self.judge(priority, deadline)?;
+        let pixels = self.decode.decode(bytes, priority, deadline).await?;
+        Ok(self.batcher.embed(&slot, pixels, priority, deadline).await?)
+    }
+
+    /// Admission: refuses a request whose answer cannot come before `deadline` (see [`admission`]).
+    pub fn judge(&self, priority: Priority, deadline: Instant) -> Result<(), EmbedError> {
         let budget = deadline.saturating_duration_since(Instant::now());
         if budget.is_zero() {
             self.metrics.expired(crate::metrics::Stage::Admission);
             return Err(EmbedError::DeadlineExceeded);
         }
         self.rates.admit(self.load(priority), budget).inspect_err(|_| self.metrics.refused("overloaded"))?;
-        let pixels = self.decode.decode(bytes, priority, deadline).await?;
-        Ok(self.batcher.embed(&slot, pixels, priority, deadline).await?)
+        Ok(())
     }
 
     /// How long the queue ahead of a request of `priority` takes to drain, as a `Retry-After`.
@@ -227,6 +234,16 @@ impl Pipeline {
         Pipeline { stages, cache, inflight: Coalescer::default(), namespace, metrics }
     }
 
+    /// Admission before the body is read, for a request no cache tier can answer (it bypasses the
+    /// cache, or no tier is configured): such a request needs the model, so a refusal now costs
+    /// neither reading nor hashing its body. Others are judged after their cache lookup misses.
+    pub fn admit_early(&self, opts: &RequestOptions) -> Result<(), EmbedError> {
+        if opts.cache == CacheMode::Use && self.cache.can_answer() {
+            return Ok(());
+        }
+        self.stages.judge(opts.priority, opts.deadline)
+    }
+
     /// The cache key of an image under the model being served.
     pub fn cache_key(&self, image: &[u8]) -> crate::cache::Key {
         crate::cache::Key::of(&self.namespace, image)
@@ -239,16 +256,16 @@ impl Pipeline {
         if bytes.is_empty() {
             return Err(EmbedError::Empty);
         }
-        let key = self.cache_key(&bytes);
         let compute = |bytes| self.stages.compute(bytes, opts.priority, opts.deadline);
-        match opts.cache {
-            CacheMode::Bypass => return Ok(Outcome::computed(compute(bytes).await?, "bypass")),
-            CacheMode::Refresh => {
-                let out = Outcome::computed(compute(bytes).await?, "refresh");
-                self.cache.store(key, Arc::clone(&out.embedding));
-                return Ok(out);
-            }
-            CacheMode::Use => {}
+        if opts.cache == CacheMode::Bypass {
+            return Ok(Outcome::computed(compute(bytes).await?, "bypass"));
+        }
+        // Hashed only when the cache is used: a bypassing request skips the hash of its body.
+        let key = self.cache_key(&bytes);
+        if opts.cache == CacheMode::Refresh {
+            let out = Outcome::computed(compute(bytes).await?, "refresh");
+            self.cache.store(key, Arc::clone(&out.embedding));
+            return Ok(out);
         }
         if let Some(hit) = self.cache.lookup(&key).await {
             self.metrics.cache_outcome(Some(hit.tier));

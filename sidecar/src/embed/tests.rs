@@ -87,7 +87,10 @@ async fn a_request_the_queue_cannot_serve_in_time_is_refused_before_decoding() {
         })
         .collect();
     // All five decoded: one runs for 200 ms, four wait for the model.
-    eventually("5 requests decoded", || r.metrics.images_decoded() == 6).await;
+    eventually("5 requests decoded and queued for the model", || {
+        r.metrics.images_decoded() == 6 && r.stages.load(Priority::Normal).infer_ahead >= 3
+    })
+    .await;
     let decoded = r.metrics.images_decoded();
 
     let refused = r.stages.compute(png(8, 99), Priority::Normal, later(300)).await.unwrap_err();
@@ -121,10 +124,13 @@ async fn a_request_whose_deadline_passes_while_waiting_for_a_decoder_is_never_de
     // One decoder busy with large images; a request behind them with a short budget expires in
     // the queue and is answered 504 without being decoded or inferred.
     let r = rig(1, Duration::ZERO, 8, 0);
-    let big: Vec<_> = (0..3)
-        .map(|i| {
+    // Encoded first, so the three reach the decoder together.
+    let images: Vec<_> = (0..3).map(|i| png(1500, i)).collect();
+    let big: Vec<_> = images
+        .into_iter()
+        .map(|image| {
             let stages = Arc::clone(&r.stages);
-            tokio::spawn(async move { stages.compute(png(1500, i), Priority::Normal, later(120_000)).await })
+            tokio::spawn(async move { stages.compute(image, Priority::Normal, later(120_000)).await })
         })
         .collect();
     eventually("the decoder is busy", || r.stages.decode.ahead_of(Priority::Normal) >= 2).await;
@@ -141,10 +147,12 @@ async fn a_request_whose_deadline_passes_while_waiting_for_a_decoder_is_never_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uploads_never_exceed_the_decode_bound() {
     let r = rig(2, Duration::ZERO, 16, 1);
-    let tasks: Vec<_> = (0..24)
-        .map(|i| {
+    let images: Vec<_> = (0..24).map(|i| png(600, i)).collect();
+    let tasks: Vec<_> = images
+        .into_iter()
+        .map(|image| {
             let stages = Arc::clone(&r.stages);
-            tokio::spawn(async move { stages.compute(png(600, i), Priority::Normal, later(120_000)).await })
+            tokio::spawn(async move { stages.compute(image, Priority::Normal, later(120_000)).await })
         })
         .collect();
     for t in tasks {

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, Resp, Routed, blocking, json, read_body, text};
+use super::{ApiError, Resp, Routed, blocking, discard_body, json, read_body, text};
 use crate::app::App;
 use crate::embed::{CacheMode, EmbedError, Outcome, Priority, RequestOptions};
 use crate::matcher;
@@ -159,6 +159,14 @@ async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Outcom
     let image = "an image (Content-Type: image/jpeg, image/png, ...)";
     require_content_type(req.headers(), &["image/", "application/octet-stream"], image)?;
     let opts = request_options(app, req.headers(), Duration::ZERO)?;
+    if let Err(e) = app.pipeline().map_or(Ok(()), |p| p.admit_early(&opts)) {
+        // Refused before the body was read: read it off the connection unseen, so the client
+        // gets the answer on a connection that stays usable.
+        // (Answering without reading it made hyper reset the connection under the client, which
+        // then saw an error instead of the 429 for about one refusal in six.)
+        discard_body(req, app.config.max_body_bytes).await;
+        return Err(e.into());
+    }
     let body = read_body(req, app.config.max_body_bytes).await?;
     Ok((embed_image(app, body, &opts).await?, started))
 }

@@ -71,6 +71,20 @@ pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Ap
     }
 }
 
+/// Reads and drops up to `limit` bytes of a body whose request was refused, frame by frame
+/// (nothing is kept), so the connection can carry the answer and the next request. A longer body,
+/// or one that fails, is left to hyper, which then closes the connection.
+pub async fn discard_body(req: Request<Incoming>, limit: usize) {
+    let mut body = req.into_body();
+    let mut seen = 0usize;
+    while seen <= limit {
+        match body.frame().await {
+            Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
+}
+
 /// Which listener a connection arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {

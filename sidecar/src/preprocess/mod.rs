@@ -106,7 +106,18 @@ impl Preprocessor {
     /// assembled ([`Preprocessor::normalize_into`]).
     pub fn prepare_pixels(&self, bytes: &[u8]) -> Result<Vec<u8>, PreprocessError> {
         let (width, height, rgb) = self.decode(bytes)?;
+        self.resize_rgb(width, height, rgb)
+    }
+
+    /// Resizes decoded packed RGB8 to the card's size, as [`Preprocessor::prepare_pixels`] does
+    /// after decoding (for callers that decode themselves, such as the decoder benchmark).
+    pub fn resize_rgb(&self, width: u32, height: u32, rgb: Vec<u8>) -> Result<Vec<u8>, PreprocessError> {
         Ok(self.resize(width, height, rgb)?.into_vec())
+    }
+
+    /// Width and height of the model input.
+    pub fn input_size(&self) -> (u32, u32) {
+        (self.input.width, self.input.height)
     }
 
     /// Decodes to packed RGB8, upright, checking the header's size before the pixels are read.

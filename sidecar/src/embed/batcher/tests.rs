@@ -113,9 +113,17 @@ async fn high_priority_requests_run_first() {
     };
     let mut tasks = vec![send(0, Priority::Normal)];
     until_entered(&engine, 1).await;
-    for (n, (v, p)) in [(1, Priority::Low), (2, Priority::Normal), (3, Priority::High)].into_iter().enumerate() {
+    tasks.push(send(1, Priority::Low));
+    // Committed to the next batch: counted ahead even of a high-priority request.
+    let committed = async {
+        while b.ahead_of(Priority::High) != 1 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), committed).await.unwrap();
+    for (n, (v, p)) in [(2, Priority::Normal), (3, Priority::High)].into_iter().enumerate() {
         tasks.push(send(v, p));
-        until_depth(&b, n + 1).await;
+        until_depth(&b, n + 2).await;
     }
     for t in tasks {
         t.await.unwrap();
