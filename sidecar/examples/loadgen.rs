@@ -51,6 +51,10 @@ struct Args {
     /// Seconds to send for.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Closed loop: after a 429 or 503, wait its Retry-After (plus 0-50% jitter) before the
+    /// next request, as docs/sidecar.md asks clients to; without it a refused client retries at once.
+    #[arg(long)]
+    honor_retry_after: bool,
 }
 
 #[derive(Default)]
@@ -63,6 +67,15 @@ impl Tally {
     fn add(&mut self, status: String, took: Duration) {
         self.latencies.entry(status).or_default().push(took.as_secs_f64() * 1e3);
     }
+}
+
+/// User + system CPU time of this process so far (Linux /proc; None elsewhere), assuming the
+/// usual 100 ticks a second.
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -101,10 +114,15 @@ async fn main() -> anyhow::Result<()> {
             let client = client.clone();
             async move {
                 let started = Instant::now();
-                let Ok(req) = req else { return ("request_error".to_owned(), started.elapsed()) };
+                let Ok(req) = req else { return ("request_error".to_owned(), started.elapsed(), None) };
+                let mut retry_after = None;
                 let status = match client.request(req).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16().to_string();
+                        retry_after = resp
+                            .headers()
+                            .get(http::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok());
                         match resp.into_body().collect().await {
                             Ok(_) => status,
                             Err(_) => "body_error".to_owned(),
@@ -112,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                     Err(_) => "connect_error".to_owned(),
                 };
-                (status, started.elapsed())
+                (status, started.elapsed(), retry_after)
             }
         }
     };
@@ -123,12 +141,23 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     match args.rate {
         None => {
-            for _ in 0..args.concurrency.max(1) {
-                let (send, tally) = (send.clone(), Arc::clone(&tally));
+            for i in 0..args.concurrency.max(1) {
+                let (send, tally, honor) = (send.clone(), Arc::clone(&tally), args.honor_retry_after);
+                // A small xorshift for the jitter: this tool needs spread, not statistics.
+                let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (i as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
                 tasks.spawn(async move {
                     while Instant::now() < end {
-                        let (status, took) = send().await;
+                        let (status, took, retry_after) = send().await;
                         tally.lock().await.add(status, took);
+                        if let (true, Some(wait)) = (honor, retry_after) {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            let jitter = 1.0 + 0.5 * (seed % 1000) as f64 / 1000.0;
+                            let pause = Duration::from_secs_f64(wait * jitter)
+                                .min(end.saturating_duration_since(Instant::now()));
+                            tokio::time::sleep(pause).await;
+                        }
                     }
                 });
             }
@@ -146,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let (send, tally) = (send.clone(), Arc::clone(&tally));
                 tasks.spawn(async move {
-                    let (status, took) = send().await;
+                    let (status, took, _) = send().await;
                     tally.lock().await.add(status, took);
                     drop(permit);
                 });
@@ -182,6 +211,8 @@ async fn main() -> anyhow::Result<()> {
         "seconds": elapsed,
         "requests": total,
         "skipped": tally.skipped,
+        "honor_retry_after": args.honor_retry_after,
+        "client_cpu_seconds": own_cpu_seconds(),
         "by_status": by_status,
     });
     println!("{out}");
