@@ -15,9 +15,9 @@
 //! it is taken from the queue and never runs.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use inferpool_crds::Tuning;
@@ -25,8 +25,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
 use super::admission::ServiceRates;
 use super::engine::{Engine, InferError};
-use super::queue::{Lanes, Next, Priority, Waiting};
-use super::workers::Workers;
+use super::queue::{Lanes, Next, Priority, Queued};
+use super::workers::{Guarded, Workers};
 use crate::metrics::{Metrics, Stage};
 use crate::preprocess::Preprocessor;
 
@@ -86,23 +86,9 @@ pub struct StaleTuning {
 
 type Reply = oneshot::Sender<Result<Embedded, BatchError>>;
 
-struct Job {
-    /// Resized RGB8 pixels; normalised into the batch input by the assembler (4x smaller while
-    /// queued).
-    pixels: Vec<u8>,
-    enqueued: Instant,
-    deadline: Instant,
-    reply: Reply,
-}
-
-impl Waiting for Job {
-    fn deadline(&self) -> Instant {
-        self.deadline
-    }
-    fn abandoned(&self) -> bool {
-        self.reply.is_closed()
-    }
-}
+/// A decoded image waiting for a batch, as resized RGB8 pixels: normalised into the batch input
+/// by the assembler (4x smaller while queued).
+type Job = Queued<Vec<u8>, Result<Embedded, BatchError>>;
 
 struct State {
     lanes: Lanes<Job>,
@@ -113,8 +99,7 @@ struct State {
 }
 
 struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
+    state: Guarded<State>,
     capacity: usize,
     sessions: usize,
     /// Admission: one permit per request between admission and its answer.
@@ -125,19 +110,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every mutation under the lock is a single push, pop or counter step, so a panic
-        // elsewhere leaves the state consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn wait<'a>(&self, state: MutexGuard<'a, State>, timeout: Option<Duration>) -> MutexGuard<'a, State> {
-        match timeout {
-            Some(t) => self.wake.wait_timeout(state, t).unwrap_or_else(|p| p.into_inner()).0,
-            None => self.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
-        }
-    }
-
     fn publish_depth(&self, state: &State) {
         self.metrics.queue_depth.set((state.lanes.len() + state.filling) as i64);
     }
@@ -174,8 +146,7 @@ impl Batcher {
         rates: Arc<ServiceRates>,
     ) -> Result<Self, StartError> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { lanes: Lanes::default(), filling: 0, tuning, closed: false }),
-            wake: Condvar::new(),
+            state: Guarded::new(State { lanes: Lanes::default(), filling: 0, tuning, closed: false }),
             capacity,
             sessions: engines.len(),
             slots: Semaphore::new(capacity),
@@ -237,7 +208,7 @@ impl Batcher {
             Ok(Err(_)) => Err(BatchError::ShuttingDown),
             Err(_) => {
                 // Let an assembler filling a batch release the abandoned job now.
-                self.shared.wake.notify_all();
+                self.shared.state.wake.notify_all();
                 Err(BatchError::DeadlineExceeded)
             }
         }
@@ -255,7 +226,7 @@ impl Batcher {
             return Err(BatchError::DeadlineExceeded);
         }
         let (reply, rx) = oneshot::channel();
-        let mut state = self.shared.lock();
+        let mut state = self.shared.state.lock();
         if state.closed {
             return Err(BatchError::ShuttingDown);
         }
@@ -264,21 +235,21 @@ impl Batcher {
         if state.lanes.len() >= 2 * self.shared.capacity {
             state.lanes.prune();
         }
-        state.lanes.push(priority, Job { pixels, enqueued: now, deadline, reply });
+        state.lanes.push(priority, Job { payload: pixels, enqueued: now, deadline, reply });
         self.shared.publish_depth(&state);
         drop(state);
-        self.shared.wake.notify_all();
+        self.shared.state.wake.notify_all();
         Ok(rx)
     }
 
     /// The tuning in force.
     pub fn tuning(&self) -> Tuning {
-        self.shared.lock().tuning
+        self.shared.state.lock().tuning
     }
 
     /// Applies a tuning at once (the next batch uses it); refuses an older generation.
     pub fn set_tuning(&self, tuning: Tuning) -> Result<(), StaleTuning> {
-        let mut state = self.shared.lock();
+        let mut state = self.shared.state.lock();
         if tuning.generation < state.tuning.generation {
             return Err(StaleTuning { current: state.tuning.generation, offered: tuning.generation });
         }
@@ -286,19 +257,19 @@ impl Batcher {
         drop(state);
         publish_tuning(&self.shared.metrics, &tuning);
         // An assembler filling a batch re-reads the limits when woken.
-        self.shared.wake.notify_all();
+        self.shared.state.wake.notify_all();
         Ok(())
     }
 
     /// Requests waiting now (queued, or in a batch that is still filling).
     pub fn depth(&self) -> usize {
-        let state = self.shared.lock();
+        let state = self.shared.state.lock();
         state.lanes.len() + state.filling
     }
 
     /// Decoded images a new request of `priority` would wait behind.
     pub fn ahead_of(&self, priority: Priority) -> usize {
-        let state = self.shared.lock();
+        let state = self.shared.state.lock();
         state.lanes.ahead_of(priority) + state.filling
     }
 
@@ -309,8 +280,8 @@ impl Batcher {
 
     /// Stops accepting work; queued requests still run. Returns once every thread has finished.
     pub fn shutdown(&self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_all();
+        self.shared.state.lock().closed = true;
+        self.shared.state.wake.notify_all();
         self.threads.join();
     }
 }
@@ -342,7 +313,7 @@ fn next_batch(shared: &Shared, idle: &AtomicBool) -> Option<Batch> {
     let per_image = shared.preprocessor.tensor_len();
     let mut batch = Batch { jobs: Vec::new(), input: Vec::new() };
     let mut window_end: Option<Instant> = None;
-    let mut state = shared.lock();
+    let mut state = shared.state.lock();
     loop {
         // Callers that gave up while the batch filled need no inference.
         for i in (0..batch.jobs.len()).rev() {
@@ -379,10 +350,10 @@ fn next_batch(shared: &Shared, idle: &AtomicBool) -> Option<Batch> {
             for job in taken {
                 let start = batch.input.len();
                 batch.input.resize(start + per_image, 0.0);
-                shared.preprocessor.normalize_into(&job.pixels, &mut batch.input[start..]);
+                shared.preprocessor.normalize_into(&job.payload, &mut batch.input[start..]);
                 batch.jobs.push((job.reply, job.enqueued));
             }
-            state = shared.lock();
+            state = shared.state.lock();
             continue;
         }
         let now = Instant::now();
@@ -394,10 +365,12 @@ fn next_batch(shared: &Shared, idle: &AtomicBool) -> Option<Batch> {
                 return Some(batch);
             }
             // Full or due, but the session is still busy: wait for it (it wakes everyone).
-            Some(end) if batch.jobs.len() >= max || now >= end || state.closed => state = shared.wait(state, None),
-            Some(end) => state = shared.wait(state, Some(end - now)),
+            Some(end) if batch.jobs.len() >= max || now >= end || state.closed => {
+                state = shared.state.wait(state, None)
+            }
+            Some(end) => state = shared.state.wait(state, Some(end - now)),
             None if state.closed => return None,
-            None => state = shared.wait(state, None),
+            None => state = shared.state.wait(state, None),
         }
     }
 }
@@ -408,8 +381,8 @@ fn session(shared: &Shared, engine: &mut dyn Engine, inbox: &mpsc::Receiver<Batc
         run_batch(shared, engine, batch);
         idle.store(true, Ordering::SeqCst);
         // The lock orders this wake-up after an assembler's check of `idle`, so none is missed.
-        drop(shared.lock());
-        shared.wake.notify_all();
+        drop(shared.state.lock());
+        shared.state.wake.notify_all();
     }
 }
 

@@ -11,15 +11,15 @@
 //! affinity mask, so a pod limited to 2 CPUs on a 64-core node gets 2 decoders.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::admission::ServiceRates;
-use super::queue::{Lanes, Next, Priority, Waiting};
-use super::workers::Workers;
+use super::queue::{Lanes, Next, Priority, Queued};
+use super::workers::{Guarded, Workers};
 use crate::metrics::{Metrics, Stage};
 use crate::preprocess::{PreprocessError, Preprocessor};
 
@@ -37,20 +37,8 @@ pub enum DecodeError {
     Closed,
 }
 
-struct Job {
-    bytes: Bytes,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<Vec<u8>, DecodeError>>,
-}
-
-impl Waiting for Job {
-    fn deadline(&self) -> Instant {
-        self.deadline
-    }
-    fn abandoned(&self) -> bool {
-        self.reply.is_closed()
-    }
-}
+/// An image waiting for a decoder, as its compressed bytes.
+type Job = Queued<Bytes, Result<Vec<u8>, DecodeError>>;
 
 struct State {
     lanes: Lanes<Job>,
@@ -62,20 +50,13 @@ struct State {
 }
 
 struct Shared {
-    state: Mutex<State>,
-    wake: Condvar,
+    state: Guarded<State>,
     preprocessor: Arc<Preprocessor>,
     metrics: Arc<Metrics>,
     rates: Arc<ServiceRates>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every mutation under the lock is a single push, pop or counter step: a panic elsewhere
-        // cannot leave the state half-changed.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn publish(&self, state: &State) {
         self.metrics.decode_queue_depth.set(state.lanes.len() as i64);
         self.metrics.decode_inflight.set(state.inflight as i64);
@@ -99,8 +80,7 @@ impl DecodePool {
         rates: Arc<ServiceRates>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { lanes: Lanes::default(), inflight: 0, peak: 0, closed: false }),
-            wake: Condvar::new(),
+            state: Guarded::new(State { lanes: Lanes::default(), inflight: 0, peak: 0, closed: false }),
             preprocessor,
             metrics,
             rates,
@@ -123,7 +103,7 @@ impl DecodePool {
 
     /// Images waiting for or in a decoder that a new request of `priority` would wait behind.
     pub fn ahead_of(&self, priority: Priority) -> usize {
-        let state = self.shared.lock();
+        let state = self.shared.state.lock();
         state.lanes.ahead_of(priority) + state.inflight
     }
 
@@ -132,7 +112,7 @@ impl DecodePool {
     pub async fn decode(&self, bytes: Bytes, priority: Priority, deadline: Instant) -> Result<Vec<u8>, DecodeError> {
         let (reply, rx) = oneshot::channel();
         {
-            let mut state = self.shared.lock();
+            let mut state = self.shared.state.lock();
             if state.closed {
                 return Err(DecodeError::Closed);
             }
@@ -141,23 +121,23 @@ impl DecodePool {
             if state.lanes.len() >= 64 * self.size {
                 state.lanes.prune();
             }
-            state.lanes.push(priority, Job { bytes, deadline, reply });
+            state.lanes.push(priority, Job { payload: bytes, enqueued: Instant::now(), deadline, reply });
             self.shared.publish(&state);
         }
-        self.shared.wake.notify_one();
+        self.shared.state.wake.notify_one();
         // A dropped sender means the worker stopped without answering.
         rx.await.unwrap_or(Err(DecodeError::Closed))
     }
 
     /// Most images decoded at once since start (never more than [`DecodePool::size`]).
     pub fn peak_inflight(&self) -> usize {
-        self.shared.lock().peak
+        self.shared.state.lock().peak
     }
 
     /// Stops the workers once the queue is empty.
     pub fn shutdown(&self) {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_all();
+        self.shared.state.lock().closed = true;
+        self.shared.state.wake.notify_all();
         self.workers.join();
     }
 }
@@ -172,7 +152,7 @@ impl Drop for DecodePool {
 fn worker(shared: &Shared) {
     loop {
         let job = {
-            let mut state = shared.lock();
+            let mut state = shared.state.lock();
             loop {
                 match state.lanes.next(Instant::now()) {
                     Next::Live(job) => break job,
@@ -186,26 +166,26 @@ fn worker(shared: &Shared) {
                     }
                     Next::Empty => {
                         shared.publish(&state);
-                        state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                        state = shared.state.wait(state, None);
                     }
                 }
             }
         };
         {
-            let mut state = shared.lock();
+            let mut state = shared.state.lock();
             state.inflight += 1;
             state.peak = state.peak.max(state.inflight);
             shared.publish(&state);
         }
         let started = Instant::now();
         let pre = &shared.preprocessor;
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| pre.prepare_pixels(&job.bytes)))
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| pre.prepare_pixels(&job.payload)))
             .unwrap_or_else(|_| Err(PreprocessError::Corrupt("the decoder panicked on this image".into())));
         let took = started.elapsed();
         shared.metrics.decoded(took);
         shared.rates.decode.observe(took.as_secs_f64());
         {
-            let mut state = shared.lock();
+            let mut state = shared.state.lock();
             state.inflight -= 1;
             shared.publish(&state);
         }

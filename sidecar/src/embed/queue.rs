@@ -7,6 +7,8 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use tokio::sync::oneshot;
+
 /// Request priority, from the `X-Priority` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Priority {
@@ -25,6 +27,28 @@ pub trait Waiting {
     fn deadline(&self) -> Instant;
     /// Whether the caller has gone away (its reply channel is closed).
     fn abandoned(&self) -> bool;
+}
+
+/// A request's work waiting for a stage: what the stage works on, when it arrived, when its
+/// caller stops caring, and the channel the caller waits on.
+pub struct Queued<P, R> {
+    /// What the stage works on.
+    pub payload: P,
+    /// When it was queued.
+    pub enqueued: Instant,
+    /// When the caller stops caring.
+    pub deadline: Instant,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<R>,
+}
+
+impl<P, R> Waiting for Queued<P, R> {
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
 }
 
 /// What taking the next item found.

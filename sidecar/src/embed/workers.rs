@@ -27,3 +27,36 @@ impl Workers {
         }
     }
 }
+
+/// A stage's state shared with its threads: a mutex, and the condition variable they wait on.
+pub struct Guarded<S> {
+    state: std::sync::Mutex<S>,
+    /// Woken when the state changes in a way a waiting thread may care about.
+    pub wake: std::sync::Condvar,
+}
+
+impl<S> Guarded<S> {
+    /// Guards `state`.
+    pub fn new(state: S) -> Self {
+        Guarded { state: std::sync::Mutex::new(state), wake: std::sync::Condvar::new() }
+    }
+
+    /// Locks the state. Every mutation the stages make under the lock is a single push, pop or
+    /// counter step, so a thread that panicked elsewhere cannot have left it half-changed and a
+    /// poisoned lock is used as it is.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, S> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a wake-up (or `timeout`), releasing the lock meanwhile.
+    pub fn wait<'a>(
+        &self,
+        guard: std::sync::MutexGuard<'a, S>,
+        timeout: Option<std::time::Duration>,
+    ) -> std::sync::MutexGuard<'a, S> {
+        match timeout {
+            Some(t) => self.wake.wait_timeout(guard, t).unwrap_or_else(|p| p.into_inner()).0,
+            None => self.wake.wait(guard).unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+}
