@@ -193,17 +193,10 @@ async fn a_tuning_change_reaches_every_replica_and_a_killed_replica_is_replaced(
     assert_eq!(before, after, "a tuning change restarted pods");
     // The reconciler writes the durable copy on its own schedule, which may come after the push.
     let config_maps: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), NS);
-    let durable = tokio::time::timeout(WAIT, async {
-        loop {
-            let tuning = config_maps.get("tuned-tuning").await.unwrap().data.unwrap_or_default();
-            if tuning.get("INFERPOOL_MAX_BATCH").map(String::as_str) == Some("8") {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    wait_for(&config_maps, "tuned-tuning", "new pods start with the new batch size", |cm: Option<&ConfigMap>| {
+        cm.and_then(|c| c.data.as_ref()?.get("INFERPOOL_MAX_BATCH")).map(String::as_str) == Some("8")
     })
     .await;
-    assert!(durable.is_ok(), "new pods start with it: the tuning ConfigMap never carried the new batch size");
 
     // A killed replica is replaced and the pool is Ready again.
     let pod_api: Api<Pod> = Api::namespaced(cluster.client.clone(), NS);
