@@ -155,7 +155,14 @@ fn worker(shared: &Shared) {
             let mut state = shared.state.lock();
             loop {
                 match state.lanes.next(Instant::now()) {
-                    Next::Live(job) => break job,
+                    // Counted in flight under the same lock that took it off the queue, so
+                    // admission never sees it in neither place.
+                    Next::Live(job) => {
+                        state.inflight += 1;
+                        state.peak = state.peak.max(state.inflight);
+                        shared.publish(&state);
+                        break job;
+                    }
                     Next::Expired(job) => {
                         shared.metrics.expired(Stage::Decode);
                         let _ = job.reply.send(Err(DecodeError::Expired));
@@ -171,12 +178,6 @@ fn worker(shared: &Shared) {
                 }
             }
         };
-        {
-            let mut state = shared.state.lock();
-            state.inflight += 1;
-            state.peak = state.peak.max(state.inflight);
-            shared.publish(&state);
-        }
         let started = Instant::now();
         let pre = &shared.preprocessor;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| pre.prepare_pixels(&job.payload)))

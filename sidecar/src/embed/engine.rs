@@ -43,8 +43,6 @@ mod fake {
         pub batch_time: Duration,
         /// Batches started (shared with the test that made the engine).
         pub entered: Arc<AtomicUsize>,
-        /// Batches run.
-        pub batches: Arc<AtomicUsize>,
         /// Images run.
         pub images: Arc<AtomicUsize>,
         /// Sizes of the batches run, in order.
@@ -54,15 +52,7 @@ mod fake {
     impl FakeEngine {
         /// A fake for `tensor_len`-value inputs that takes `batch_time` a batch.
         pub fn new(tensor_len: usize, dim: usize, batch_time: Duration) -> Self {
-            Self {
-                tensor_len,
-                dim,
-                batch_time,
-                entered: Arc::default(),
-                batches: Arc::default(),
-                images: Arc::default(),
-                sizes: Arc::default(),
-            }
+            Self { tensor_len, dim, batch_time, entered: Arc::default(), images: Arc::default(), sizes: Arc::default() }
         }
     }
 
@@ -73,7 +63,6 @@ mod fake {
             }
             self.entered.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.batch_time);
-            self.batches.fetch_add(1, Ordering::SeqCst);
             self.images.fetch_add(n, Ordering::SeqCst);
             self.sizes.lock().unwrap_or_else(|p| p.into_inner()).push(n);
             Ok(batch

@@ -57,9 +57,6 @@ pub enum EmbedError {
     /// The deadline passed before the embedding was ready.
     #[error("deadline exceeded")]
     DeadlineExceeded,
-    /// The model is not loaded yet, or the sidecar is draining.
-    #[error("the model is still loading; retry when /readyz answers 200")]
-    NotReady,
     /// The pipeline no longer accepts work.
     #[error("the sidecar is shutting down")]
     ShuttingDown,
@@ -77,7 +74,7 @@ impl EmbedError {
         match self {
             EmbedError::QueueFull { retry_after, .. } => Some(*retry_after),
             EmbedError::Overloaded(o) => Some(o.retry_after),
-            EmbedError::NotReady | EmbedError::ShuttingDown => Some(Duration::from_secs(1)),
+            EmbedError::ShuttingDown => Some(Duration::from_secs(1)),
             EmbedError::Shared(e) => e.retry_after(),
             _ => None,
         }
@@ -182,10 +179,11 @@ impl Stages {
     pub async fn compute(&self, bytes: Bytes, priority: Priority, deadline: Instant) -> Result<Embedded, EmbedError> {
         let slot = self.batcher.admit().map_err(|e| {
             self.metrics.refused("queue_full");
-            let retry_after = self.drain_time(priority);
-            match EmbedError::from(e) {
-                EmbedError::QueueFull { capacity, .. } => EmbedError::QueueFull { capacity, retry_after },
-                other => other,
+            match e {
+                BatchError::QueueFull(capacity) => {
+                    EmbedError::QueueFull { capacity, retry_after: self.drain_time(priority) }
+                }
+                other => other.into(),
             }
         })?;
         self.judge(priority, deadline)?;

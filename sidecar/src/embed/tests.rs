@@ -168,7 +168,6 @@ async fn concurrent_uploads_never_exceed_the_decode_bound() {
 fn pipeline_errors_keep_their_retry_advice() {
     let cases = [
         (EmbedError::QueueFull { capacity: 4, retry_after: Duration::from_secs(3) }, Some(3)),
-        (EmbedError::NotReady, Some(1)),
         (EmbedError::DeadlineExceeded, None),
         (EmbedError::Shared(Arc::new(EmbedError::ShuttingDown)), Some(1)),
     ];

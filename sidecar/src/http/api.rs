@@ -143,9 +143,6 @@ fn require_content_type(headers: &HeaderMap, accepted: &[&str], want: &'static s
 
 /// The embedding of an image, through the request pipeline of the loaded model.
 async fn embed_image(app: &App, bytes: Bytes, opts: &RequestOptions) -> Result<Outcome, ApiError> {
-    if bytes.is_empty() {
-        return Err(ApiError::EmptyBody);
-    }
     let pipeline = app.pipeline().ok_or(ApiError::NotReady)?;
     Ok(pipeline.embed(bytes, opts).await?)
 }

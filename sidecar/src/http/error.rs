@@ -21,9 +21,6 @@ pub enum ApiError {
     /// The path exists but not with this method.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
-    /// The request body was empty.
-    #[error("the request body is empty; send the image bytes")]
-    EmptyBody,
     /// The body is larger than the configured limit.
     #[error("the request body exceeds the limit of {0} bytes")]
     BodyTooLarge(usize),
@@ -101,7 +98,6 @@ impl ApiError {
         match self {
             ApiError::NotFound(_) => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ApiError::EmptyBody => (S::BAD_REQUEST, "empty_body"),
             ApiError::BodyTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::BodyRead(_) => (S::BAD_REQUEST, "body_read_failed"),
             ApiError::UnsupportedMediaType { .. } => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
@@ -152,7 +148,6 @@ fn embed_status(e: &EmbedError) -> (StatusCode, &'static str) {
         EmbedError::QueueFull { .. } => (S::TOO_MANY_REQUESTS, "queue_full"),
         EmbedError::Overloaded(_) => (S::TOO_MANY_REQUESTS, "overloaded"),
         EmbedError::DeadlineExceeded => (S::GATEWAY_TIMEOUT, "deadline_exceeded"),
-        EmbedError::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
         EmbedError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
         EmbedError::Inference(_) => (S::INTERNAL_SERVER_ERROR, "inference_failed"),
         EmbedError::Shared(inner) => embed_status(inner),

@@ -127,18 +127,19 @@ impl Preprocessor {
         if bytes.is_empty() {
             return Err(PreprocessError::Empty);
         }
-        let format = reader(bytes)?.format();
-        let (width, height) = match png_ihdr_size(bytes) {
-            Some(size) => size,
-            None => reader(bytes)?.into_dimensions().map_err(corrupt)?,
-        };
-        if u64::from(width) * u64::from(height) > self.max_pixels {
-            return Err(PreprocessError::TooLarge { width, height, max_pixels: self.max_pixels });
+        let reader = reader(bytes)?;
+        let format = reader.format();
+        // A PNG's size comes from IHDR before any decoder exists (see `png_ihdr_size`).
+        if let Some((width, height)) = png_ihdr_size(bytes) {
+            self.check_size(width, height)?;
         }
+        // Creating a decoder parses the header only; the pixels are read further down.
+        let mut decoder = reader.into_decoder().map_err(corrupt)?;
+        let (width, height) = decoder.dimensions();
+        self.check_size(width, height)?;
         if format == Some(ImageFormat::Jpeg) {
             jpeg::check_complete(bytes)?;
         }
-        let mut decoder = reader(bytes)?.into_decoder().map_err(corrupt)?;
         // Phones store photos sideways and say so in EXIF; a user expects the upright picture.
         let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
         if format == Some(ImageFormat::Jpeg) && self.jpeg == JpegDecode::Reduced {
@@ -162,6 +163,14 @@ impl Preprocessor {
         }
         image.apply_orientation(orientation);
         Ok((image.width(), image.height(), image.into_rgb8().into_raw()))
+    }
+
+    /// Refuses an image of more pixels than allowed.
+    fn check_size(&self, width: u32, height: u32) -> Result<(), PreprocessError> {
+        if u64::from(width) * u64::from(height) > self.max_pixels {
+            return Err(PreprocessError::TooLarge { width, height, max_pixels: self.max_pixels });
+        }
+        Ok(())
     }
 
     /// Resizes packed RGB8 to the card's size with a bilinear convolution.
