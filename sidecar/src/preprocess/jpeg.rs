@@ -64,19 +64,18 @@ pub fn scale_for(width: u32, height: u32, out_width: u32, out_height: u32) -> Sc
         .unwrap_or(ScalingFactor::ONE)
 }
 
-/// RGB8 pixels of a JPEG decoded at `scale`, or None when this decoder should not take the file
-/// (see the module docs); `Err` only for errors the general decoder would report too.
-pub fn decode_scaled(bytes: &[u8], scale: ScalingFactor) -> Result<Option<(u32, u32, Vec<u8>)>, PreprocessError> {
-    let fail = |e: turbojpeg::Error| {
-        tracing::debug!(error = %e, "libjpeg-turbo declined the JPEG; using the general decoder");
-    };
-    let mut decompressor = match Decompressor::new() {
-        Ok(d) => d,
-        Err(e) => return Err(PreprocessError::Corrupt(format!("cannot start the JPEG decoder: {e}"))),
-    };
-    let Ok(header) = decompressor.read_header(bytes).inspect_err(|e| tracing::debug!(error = %e, "JPEG header")) else {
-        return Ok(None);
-    };
+/// RGB8 pixels of a JPEG decoded at `scale`, or None when this decoder does not take the file
+/// (see the module docs): the general decoder then decodes it, or reports what is wrong with it.
+pub fn decode_scaled(bytes: &[u8], scale: ScalingFactor) -> Option<(u32, u32, Vec<u8>)> {
+    decode_with_turbojpeg(bytes, scale)
+        .inspect_err(|e| tracing::debug!(error = %e, "libjpeg-turbo declined the JPEG; using the general decoder"))
+        .ok()
+        .flatten()
+}
+
+fn decode_with_turbojpeg(bytes: &[u8], scale: ScalingFactor) -> turbojpeg::Result<Option<(u32, u32, Vec<u8>)>> {
+    let mut decompressor = Decompressor::new()?;
+    let header = decompressor.read_header(bytes)?;
     if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) || header.is_lossless {
         return Ok(None);
     }
@@ -84,11 +83,8 @@ pub fn decode_scaled(bytes: &[u8], scale: ScalingFactor) -> Result<Option<(u32, 
     let (Ok(width), Ok(height)) = (u32::try_from(scaled.width), u32::try_from(scaled.height)) else {
         return Ok(None);
     };
-    let setup = decompressor.set_scaling_factor(scale).and_then(|()| decompressor.set_scan_limit(MAX_SCANS));
-    if let Err(e) = setup {
-        fail(e);
-        return Ok(None);
-    }
+    decompressor.set_scaling_factor(scale)?;
+    decompressor.set_scan_limit(MAX_SCANS)?;
     let mut pixels = vec![0u8; 3 * scaled.width * scaled.height];
     let image = Image {
         pixels: pixels.as_mut_slice(),
@@ -97,15 +93,10 @@ pub fn decode_scaled(bytes: &[u8], scale: ScalingFactor) -> Result<Option<(u32, 
         height: scaled.height,
         format: PixelFormat::RGB,
     };
-    match decompressor.decompress(bytes, image) {
-        Ok(()) => Ok(Some((width, height, pixels))),
-        // Damaged data (libjpeg calls it a warning and turbojpeg reports it as an error): the
-        // general decoder is more lenient and stays the judge of what is corrupt.
-        Err(e) => {
-            fail(e);
-            Ok(None)
-        }
-    }
+    // Damaged data is an error here (libjpeg calls it a warning, turbojpeg fails on it); the
+    // general decoder is more lenient and stays the judge of what is corrupt.
+    decompressor.decompress(bytes, image)?;
+    Ok(Some((width, height, pixels)))
 }
 
 /// Refuses a JPEG whose marker stream stops before the end-of-image marker (0xFFD9).

@@ -145,7 +145,7 @@ impl Preprocessor {
         if format == Some(ImageFormat::Jpeg) && self.jpeg == JpegDecode::Reduced {
             let (up_w, up_h) = if turns_sideways(orientation) { (height, width) } else { (width, height) };
             let scale = jpeg::scale_for(up_w, up_h, self.input.width, self.input.height);
-            if let Some((w, h, rgb)) = jpeg::decode_scaled(bytes, scale)? {
+            if let Some((w, h, rgb)) = jpeg::decode_scaled(bytes, scale) {
                 return upright(w, h, rgb, orientation);
             }
         }
