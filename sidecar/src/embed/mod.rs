@@ -311,5 +311,23 @@ impl Pipeline {
     }
 }
 
+/// An identity preprocessor (mean 0, std 1, stretch) for `side` x `side` inputs: what the
+/// stage tests feed the fake engine.
+#[cfg(test)]
+fn test_preprocessor(side: u32) -> Arc<crate::preprocess::Preprocessor> {
+    use crate::model::{ColorOrder, InputSpec, Layout, ResizeMode};
+    let input = InputSpec {
+        name: "input".into(),
+        layout: Layout::Nchw,
+        width: side,
+        height: side,
+        color: ColorOrder::Rgb,
+        resize: ResizeMode::Stretch,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+    Arc::new(crate::preprocess::Preprocessor::new(input, 1 << 26))
+}
+
 #[cfg(test)]
 mod tests;

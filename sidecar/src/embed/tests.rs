@@ -6,22 +6,11 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::embed::engine::FakeEngine;
 use crate::metrics::Stage;
-use crate::model::{ColorOrder, InputSpec, Layout, ResizeMode};
 use crate::preprocess::Preprocessor;
 use inferpool_crds::Tuning;
 
 fn preprocessor() -> Arc<Preprocessor> {
-    let input = InputSpec {
-        name: "input".into(),
-        layout: Layout::Nchw,
-        width: 4,
-        height: 4,
-        color: ColorOrder::Rgb,
-        resize: ResizeMode::Stretch,
-        mean: [0.0; 3],
-        std: [1.0; 3],
-    };
-    Arc::new(Preprocessor::new(input, 1 << 26))
+    crate::embed::test_preprocessor(4)
 }
 
 /// A PNG of `side` x `side` pixels of noise (slow enough to decode that workers stay busy).

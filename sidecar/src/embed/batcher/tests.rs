@@ -4,22 +4,11 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 use crate::embed::engine::FakeEngine;
-use crate::model::{ColorOrder, InputSpec, Layout, ResizeMode};
 
 const SIDE: u32 = 2;
 
 fn preprocessor() -> Arc<Preprocessor> {
-    let input = InputSpec {
-        name: "input".into(),
-        layout: Layout::Nchw,
-        width: SIDE,
-        height: SIDE,
-        color: ColorOrder::Rgb,
-        resize: ResizeMode::Stretch,
-        mean: [0.0; 3],
-        std: [1.0; 3],
-    };
-    Arc::new(Preprocessor::new(input, 1 << 20))
+    crate::embed::test_preprocessor(SIDE)
 }
 
 fn tuning(max_batch_size: u32, max_delay_ms: u32) -> Tuning {
