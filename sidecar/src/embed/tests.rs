@@ -54,6 +54,18 @@ fn later(ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(ms)
 }
 
+/// One request per image, all with a long deadline; the images are encoded before any is sent,
+/// so they reach the stages together.
+fn spawn_all(stages: &Arc<Stages>, images: Vec<Bytes>) -> Vec<tokio::task::JoinHandle<Result<Embedded, EmbedError>>> {
+    images
+        .into_iter()
+        .map(|image| {
+            let stages = Arc::clone(stages);
+            tokio::spawn(async move { stages.compute(image, Priority::Normal, later(120_000)).await })
+        })
+        .collect()
+}
+
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let wait = async {
         while !done() {
@@ -69,12 +81,7 @@ async fn a_request_the_queue_cannot_serve_in_time_is_refused_before_decoding() {
     let r = rig(1, Duration::from_millis(200), 1, 0);
     let first = r.stages.compute(png(8, 0), Priority::Normal, later(60_000)).await.unwrap();
     assert_eq!(first.batch_size, 1);
-    let waiting: Vec<_> = (1..=5)
-        .map(|i| {
-            let stages = Arc::clone(&r.stages);
-            tokio::spawn(async move { stages.compute(png(8, i), Priority::Normal, later(60_000)).await })
-        })
-        .collect();
+    let waiting = spawn_all(&r.stages, (1..=5).map(|i| png(8, i)).collect());
     // All five decoded: one runs for 200 ms, four wait for the model.
     eventually("5 requests decoded and queued for the model", || {
         r.metrics.images_decoded() == 6 && r.stages.load(Priority::Normal).infer_ahead >= 3
@@ -113,15 +120,7 @@ async fn a_request_whose_deadline_passes_while_waiting_for_a_decoder_is_never_de
     // One decoder busy with large images; a request behind them with a short budget expires in
     // the queue and is answered 504 without being decoded or inferred.
     let r = rig(1, Duration::ZERO, 8, 0);
-    // Encoded first, so the three reach the decoder together.
-    let images: Vec<_> = (0..3).map(|i| png(1500, i)).collect();
-    let big: Vec<_> = images
-        .into_iter()
-        .map(|image| {
-            let stages = Arc::clone(&r.stages);
-            tokio::spawn(async move { stages.compute(image, Priority::Normal, later(120_000)).await })
-        })
-        .collect();
+    let big = spawn_all(&r.stages, (0..3).map(|i| png(1500, i)).collect());
     eventually("the decoder is busy", || r.stages.decode.ahead_of(Priority::Normal) >= 2).await;
     let late = r.stages.decode.decode(png(8, 7), Priority::Normal, Instant::now() + Duration::from_millis(1)).await;
     assert!(matches!(late, Err(DecodeError::Expired)), "{late:?}");
@@ -136,14 +135,7 @@ async fn a_request_whose_deadline_passes_while_waiting_for_a_decoder_is_never_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uploads_never_exceed_the_decode_bound() {
     let r = rig(2, Duration::ZERO, 16, 1);
-    let images: Vec<_> = (0..24).map(|i| png(600, i)).collect();
-    let tasks: Vec<_> = images
-        .into_iter()
-        .map(|image| {
-            let stages = Arc::clone(&r.stages);
-            tokio::spawn(async move { stages.compute(image, Priority::Normal, later(120_000)).await })
-        })
-        .collect();
+    let tasks = spawn_all(&r.stages, (0..24).map(|i| png(600, i)).collect());
     for t in tasks {
         t.await.unwrap().unwrap();
     }
