@@ -5,10 +5,12 @@
 //! what it sees in the pool's status. A reconcile is a pipeline: dereference -> validate -> build ->
 //! apply -> update_status, where `validate` and `build` are pure functions of the pool.
 
+pub mod actuator;
 pub mod autoscale;
 pub mod build;
 pub mod controller;
 pub mod error;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod observe;

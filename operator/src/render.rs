@@ -6,8 +6,7 @@
 
 use inferpool_crds::InferencePool;
 
-use crate::build::{self, Settings};
-use crate::controller::{desired_replicas, desired_tuning};
+use crate::build::{self, Settings, desired_replicas, desired_tuning};
 
 /// Why a pool could not be rendered.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,6 @@
 //! writes nothing when nothing changed.
 
 use inferpool_crds::InferencePoolStatus;
-use inferpool_crds::pool::SlaStatus;
 use inferpool_crds::pool::condition::{DEGRADED, PROGRESSING, READY, SLA_ANOMALY, SLA_COMPLIANT};
 
 use crate::autoscale::policy::Observed;
@@ -121,19 +120,6 @@ pub fn sla_unknown() -> Wanted {
         reason: "NoObservations",
         message: "no SLA observations yet".to_owned(),
     }
-}
-
-/// The status's SLA figures from the autoscaler's observation; none until there was traffic.
-pub fn sla_status(observed: &Observed) -> Option<SlaStatus> {
-    let compliant = observed.compliant?;
-    let round = |x: f64, digits: i32| (x * 10f64.powi(digits)).round() / 10f64.powi(digits);
-    Some(SlaStatus {
-        p95_ms: round(observed.p95_ms, 1),
-        error_rate: round(observed.error_rate, 4),
-        cache_hit_rate: round(observed.cache_hit_rate, 3),
-        rps: round(observed.rps, 1),
-        compliant,
-    })
 }
 
 /// `SLACompliant` from the autoscaler's observation over the stable window.
@@ -252,13 +238,13 @@ mod tests {
     fn sla_figures_and_conditions_follow_the_observation() {
         let observed =
             Observed { p95_ms: 812.345, error_rate: 0.01234, cache_hit_rate: 0.7, rps: 240.04, compliant: Some(false) };
-        let sla = sla_status(&observed).unwrap_or_default();
+        let sla = observed.sla_status().unwrap_or_default();
         assert_eq!((sla.p95_ms, sla.error_rate, sla.rps, sla.compliant), (812.3, 0.0123, 240.0, false));
         let condition = sla_condition(&observed, 500);
         assert_eq!((condition.status, condition.reason), ("False", "SLABreached"));
         assert!(condition.message.starts_with("p95 812 ms (target 500 ms)"), "{}", condition.message);
         let quiet = Observed { compliant: None, ..observed };
-        assert_eq!(sla_status(&quiet), None);
+        assert_eq!(quiet.sla_status(), None);
         assert_eq!(sla_condition(&quiet, 500).status, "Unknown");
         assert_eq!(anomaly_condition(Some("p95 900 ms vs 300 +- 50 ms")).status, "True");
         assert_eq!(anomaly_condition(None).status, "False");

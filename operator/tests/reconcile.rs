@@ -217,8 +217,16 @@ async fn an_existing_admin_secret_is_never_replaced() {
 }
 
 #[test]
-fn transient_errors_back_off_exponentially_up_to_a_cap() {
-    let delays: Vec<_> = [1, 2, 3, 4, 20].into_iter().map(controller::backoff).collect();
-    assert_eq!(delays[..4], [500, 1000, 2000, 4000].map(Duration::from_millis));
-    assert_eq!(delays[4], Duration::from_secs(300));
+fn transient_errors_back_off_exponentially_with_jitter_up_to_a_cap() {
+    for (attempt, base) in [(1, 500), (2, 1000), (3, 2000), (4, 4000)] {
+        let base = Duration::from_millis(base);
+        for _ in 0..20 {
+            let delay = controller::backoff(attempt);
+            assert!(delay >= base && delay < base * 2, "attempt {attempt}: {delay:?} outside [{base:?}, 2x)");
+        }
+    }
+    assert_eq!(controller::backoff(20), Duration::from_secs(300));
+    // Pools that failed together retry at different times.
+    let first: std::collections::BTreeSet<Duration> = (0..20).map(|_| controller::backoff(1)).collect();
+    assert!(first.len() > 1, "no jitter: {first:?}");
 }

@@ -3,16 +3,21 @@
 //! - [`collector`] reads every ready replica's SLA report (or a Prometheus query, [`prometheus`])
 //!   and turns one tick into a pool-wide [`Sample`].
 //! - [`policy`] is a pure function from the spec, the tuning and replicas in force and the
-//!   [`History`] of samples to a [`Decision`] with its reason; [`sim`] drives it through simulated
-//!   pools for the tests and the plots in docs/autoscaling.md.
-//! - The reconciler applies a decision (Deployment replicas, the tuning ConfigMap, status and
-//!   conditions) and the autoscaler pushes the tuning to every ready pod at once.
+//!   [`History`] of samples to a [`Decision`] with its reason; `sim` (behind the `sim` feature, off in
+//!   the shipped operator) drives it through simulated pools for the tests and the plots in
+//!   docs/autoscaling.md.
+//! - [`runner`] is the loop; it hands each decision on one way ([`decisions`]): the reconciler
+//!   applies its level part (Deployment replicas, the tuning ConfigMap, status and conditions) and
+//!   the actuator its actions (tuning pushes to every ready pod at once, cache clears, outlier
+//!   pods, Events).
 
 pub mod collector;
+pub mod decisions;
 pub mod history;
 pub mod policy;
 pub mod prometheus;
 pub mod runner;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 pub use history::{History, Window};

@@ -8,9 +8,11 @@
 //!
 //! Layout: `pod` (the replica pod template: sidecar container, env, probes, security, volumes),
 //! `deployment` (the Deployment and its restart hash), `service` (Service and
-//! PodDisruptionBudget), `tuning` (the tuning ConfigMap), `secret` (the admin-token Secret).
+//! PodDisruptionBudget), `tuning` (the tuning ConfigMap), `secret` (the admin-token Secret), `desired`
+//! (the replica count and tuning to run, from the spec, the status and the autoscaler's decision).
 
 mod deployment;
+mod desired;
 mod pod;
 mod secret;
 mod service;
@@ -32,6 +34,7 @@ use kube::Resource;
 use crate::{Error, Result};
 
 pub use deployment::{RESTART_HASH_ANNOTATION, restart_hash};
+pub use desired::{desired_replicas, desired_tuning};
 pub use secret::{ADMIN_TOKEN_KEY, admin_secret};
 pub use tuning::{TUNING_GENERATION_ANNOTATION, initial_tuning};
 

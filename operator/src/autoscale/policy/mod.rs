@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 
+use inferpool_crds::pool::SlaStatus;
 use inferpool_crds::{InferencePoolSpec, Tuning};
 
 use super::{History, Window};
@@ -101,6 +102,21 @@ pub struct Observed {
     pub rps: f64,
     /// Whether every SLA target is met; `None` without traffic to judge.
     pub compliant: Option<bool>,
+}
+
+impl Observed {
+    /// The status's SLA figures, rounded for people; none until there was traffic.
+    pub fn sla_status(&self) -> Option<SlaStatus> {
+        let compliant = self.compliant?;
+        let round = |x: f64, digits: i32| (x * 10f64.powi(digits)).round() / 10f64.powi(digits);
+        Some(SlaStatus {
+            p95_ms: round(self.p95_ms, 1),
+            error_rate: round(self.error_rate, 4),
+            cache_hit_rate: round(self.cache_hit_rate, 3),
+            rps: round(self.rps, 1),
+            compliant,
+        })
+    }
 }
 
 /// Something worth an Event.

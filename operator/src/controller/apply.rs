@@ -1,0 +1,163 @@
+//! Writing a pool's children, reading what is there from the reflector stores.
+//!
+//! Each child is server-side applied with the operator's field manager, except when the store
+//! shows the child exactly as the operator's own last apply left it (same resourceVersion) and the
+//! desired object is the one applied then (same digest): that apply would change nothing, so it is
+//! not sent. A reconcile of an unchanged pool therefore costs the API server no request, and one
+//! of a changed pool sends only the children that change.
+//!
+//! The Event wording ("Created", "Updated", nothing) compares the store's resourceVersion before
+//! the apply with the one the apply returns. Because the store may not have seen the operator's
+//! own previous write yet, the resourceVersion that write returned counts as "before" too.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use inferpool_crds::InferencePool;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::Context;
+use crate::autoscale::decisions::PoolRef;
+use crate::build::{self, FIELD_MANAGER};
+use crate::error::{Error, Result};
+use crate::events::event;
+
+/// How long the admin Secret is trusted to exist after it was last seen.
+const SECRET_RECHECK: Duration = Duration::from_secs(300);
+
+/// What the operator wrote for each pool, to skip applies that would change nothing.
+#[derive(Debug, Default)]
+pub struct Written {
+    pools: Mutex<HashMap<PoolRef, PoolWrites>>,
+}
+
+/// The operator's last writes for one pool (reset when a pool of the same name is recreated).
+#[derive(Debug, Default)]
+struct PoolWrites {
+    uid: Option<String>,
+    children: HashMap<Cow<'static, str>, Applied>,
+    secret_seen: Option<Instant>,
+}
+
+/// One child as the operator's last apply left it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Applied {
+    resource_version: String,
+    digest: [u8; 32],
+}
+
+impl Written {
+    fn with<T>(&self, pool: &InferencePool, f: impl FnOnce(&mut PoolWrites) -> T) -> T {
+        let mut pools = self.pools.lock();
+        let writes = pools.entry(PoolRef::from_obj(pool)).or_default();
+        if writes.uid != pool.metadata.uid {
+            *writes = PoolWrites { uid: pool.metadata.uid.clone(), ..PoolWrites::default() };
+        }
+        f(writes)
+    }
+
+    /// Forgets the pools `keep` says no to.
+    pub fn retain(&self, keep: impl Fn(&PoolRef) -> bool) {
+        self.pools.lock().retain(|pool, _| keep(pool));
+    }
+}
+
+/// Outcome of applying one child, for Events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// Applies `child` unless the store shows it as the operator's last apply of the same object left
+/// it; publishes an Event when it was created or changed. Returns the child as it now is.
+pub async fn apply<K>(ctx: &Context, pool: &InferencePool, store: &Store<K>, child: &K) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let namespace = pool.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let name = child.meta().name.clone().unwrap_or_default();
+    let kind: Cow<'static, str> = K::kind(&());
+    let stored: Option<Arc<K>> = store.get(&ObjectRef::new(&name).within(&namespace));
+    let stored_rv = stored.as_ref().and_then(|o| o.meta().resource_version.clone());
+    let digest: [u8; 32] = Sha256::digest(serde_json::to_vec(child).map_err(|e| Error::Serialize("a child", e))?).into();
+    let last = ctx.written.with(pool, |w| w.children.get(&kind).cloned());
+    if let (Some(stored), Some(last)) = (&stored, &last)
+        && stored_rv.as_ref() == Some(&last.resource_version)
+        && last.digest == digest
+    {
+        return Ok(K::clone(stored));
+    }
+
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let after = api.patch(&name, &params, &Patch::Apply(child)).await?;
+    let after_rv = after.meta().resource_version.clone().unwrap_or_default();
+    let outcome = if stored_rv.as_ref() == Some(&after_rv) || last.as_ref().is_some_and(|l| l.resource_version == after_rv)
+    {
+        Outcome::Unchanged
+    } else if stored.is_none() && last.is_none() {
+        Outcome::Created
+    } else {
+        Outcome::Updated
+    };
+    ctx.written.with(pool, |w| w.children.insert(kind.clone(), Applied { resource_version: after_rv, digest }));
+    if outcome != Outcome::Unchanged {
+        let verb = if outcome == Outcome::Created { "Created" } else { "Updated" };
+        tracing::info!(%kind, %name, "{}", verb.to_lowercase());
+        let note = format!("{verb} {kind} {name}");
+        ctx.publish(pool, event(EventType::Normal, verb, "Apply", note, Some(after.object_ref(&())))).await;
+    }
+    Ok(after)
+}
+
+/// Creates the pool's admin-token Secret when it is missing. It is never rewritten, so the token
+/// never rotates by accident (pods read it at start; the actuator reads it to push tuning). The
+/// operator does not watch Secrets (that would need list and watch on every Secret it can see):
+/// it looks once per pool and again at most every [`SECRET_RECHECK`].
+pub async fn ensure_admin_secret(ctx: &Context, pool: &InferencePool, namespace: &str) -> Result<()> {
+    let seen = ctx.written.with(pool, |w| w.secret_seen);
+    if seen.is_some_and(|at| at.elapsed() < SECRET_RECHECK) {
+        return Ok(());
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = build::names::admin_secret(&pool.name_any());
+    if secrets.get_opt(&name).await?.is_none() {
+        let secret = build::admin_secret(pool, &new_token()?)?;
+        let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
+        match secrets.create(&params, &secret).await {
+            Ok(created) => {
+                let note = format!("Created Secret {name}");
+                let related = Some(created.object_ref(&()));
+                ctx.publish(pool, event(EventType::Normal, "Created", "Apply", note, related)).await;
+            }
+            // Another reconcile created it first: keep that token.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    ctx.written.with(pool, |w| w.secret_seen = Some(Instant::now()));
+    Ok(())
+}
+
+fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(hex::encode(bytes))
+}
