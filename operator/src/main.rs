@@ -160,8 +160,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = stop.send(true);
     });
 
-    let client =
-        kube::Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let config =
+        kube::Config::infer().await.context("finding the Kubernetes API (KUBECONFIG or in-cluster service account)")?;
+    let client = kube::Client::try_from(controller::identified(config)).context("connecting to the Kubernetes API")?;
     client.apiserver_version().await.context("reaching the Kubernetes API server")?;
     state.ready.store(true, Ordering::Release);
 

@@ -73,6 +73,9 @@ pub struct Actions {
 impl Actions {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.push_to.is_empty() && self.clear_cache_on.is_empty() && self.delete_pods.is_empty() && self.notes.is_empty()
+        self.push_to.is_empty()
+            && self.clear_cache_on.is_empty()
+            && self.delete_pods.is_empty()
+            && self.notes.is_empty()
     }
 }

@@ -129,7 +129,11 @@ pub async fn run(
         let done: Vec<(PoolRef, PoolState)> = futures::stream::iter(due)
             .map(|(pool, state)| {
                 let (scaler, pods) = (scaler.clone(), pods.clone());
-                let span = tracing::info_span!("tick", namespace = pool.namespace().unwrap_or_default(), pool = pool.name_any());
+                let span = tracing::info_span!(
+                    "tick",
+                    namespace = pool.namespace().unwrap_or_default(),
+                    pool = pool.name_any()
+                );
                 async move { (PoolRef::from_obj(&*pool), tick(&scaler, &pool, &pods, state).await) }.instrument(span)
             })
             .buffer_unordered(POOLS_AT_ONCE)
@@ -194,7 +198,11 @@ async fn tick(scaler: &Autoscaler, pool: &InferencePool, pods: &Store<Pod>, mut 
             .filter(|(pod, _)| generations.iter().any(|(p, g)| p == pod && *g < decision.tuning.generation))
             .map(|(_, ip)| ip.clone())
             .collect(),
-        clear_cache_on: if decision.clear_cache { ready.iter().map(|(_, ip)| ip.clone()).collect() } else { Vec::new() },
+        clear_cache_on: if decision.clear_cache {
+            ready.iter().map(|(_, ip)| ip.clone()).collect()
+        } else {
+            Vec::new()
+        },
         delete_pods: decision
             .delete_pods
             .iter()
@@ -243,7 +251,14 @@ async fn tick(scaler: &Autoscaler, pool: &InferencePool, pods: &Store<Pod>, mut 
 }
 
 /// The decision as metrics: the SLA figures and a count per kind of action.
-fn record_decision(metrics: &Metrics, namespace: &str, name: &str, replicas: u32, tuning: &Tuning, decision: &Decision) {
+fn record_decision(
+    metrics: &Metrics,
+    namespace: &str,
+    name: &str,
+    replicas: u32,
+    tuning: &Tuning,
+    decision: &Decision,
+) {
     let observed = &decision.observed;
     if let Some(compliant) = observed.compliant {
         for (figure, value) in [

@@ -2,8 +2,8 @@
 //! operator last wrote and (when autoscaling) the autoscaler's latest decision. Pure, like the
 //! child builders, so the reconciler, `render` and the autoscaler agree on one answer.
 
-use inferpool_crds::pool::InferencePool;
 use inferpool_crds::Tuning;
+use inferpool_crds::pool::InferencePool;
 
 use super::initial_tuning;
 

@@ -1,10 +1,12 @@
 //! Writing a pool's children, reading what is there from the reflector stores.
 //!
-//! Each child is server-side applied with the operator's field manager, except when the store
-//! shows the child exactly as the operator's own last apply left it (same resourceVersion) and the
-//! desired object is the one applied then (same digest): that apply would change nothing, so it is
-//! not sent. A reconcile of an unchanged pool therefore costs the API server no request, and one
-//! of a changed pool sends only the children that change.
+//! Each child is server-side applied with the operator's field manager, except when the desired
+//! object is the one applied last time (same digest) and the store shows the child as that apply
+//! left it: same resourceVersion, or, for kinds with a `metadata.generation`, the same generation,
+//! labels, annotations and owners (a Deployment's status moves its resourceVersion on every
+//! rollout step without changing what the operator wrote). Such an apply would change nothing, so
+//! it is not sent: a reconcile of an unchanged pool costs the API server no request, and one of a
+//! changed pool sends only the children that change.
 //!
 //! The Event wording ("Created", "Updated", nothing) compares the store's resourceVersion before
 //! the apply with the one the apply returns. Because the store may not have seen the operator's
@@ -53,8 +55,45 @@ struct PoolWrites {
 /// One child as the operator's last apply left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Applied {
-    resource_version: String,
+    /// Digest of the desired object that was applied.
     digest: [u8; 32],
+    /// The child's resourceVersion after the apply.
+    resource_version: String,
+    /// The child's generation after the apply, for kinds that have one.
+    generation: Option<i64>,
+    /// Digest of the child's labels, annotations and owners after the apply.
+    metadata: [u8; 32],
+}
+
+impl Applied {
+    fn of<K: Resource>(object: &K, digest: [u8; 32]) -> Result<Self> {
+        let meta = object.meta();
+        Ok(Self {
+            digest,
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+            generation: meta.generation,
+            metadata: metadata_digest(object)?,
+        })
+    }
+
+    /// Whether `stored` is the child as this apply left it, as far as the operator wrote it.
+    fn left_as_is<K: Resource>(&self, stored: &K) -> Result<bool> {
+        let meta = stored.meta();
+        if meta.resource_version.as_ref() == Some(&self.resource_version) {
+            return Ok(true);
+        }
+        Ok(self.generation.is_some() && meta.generation == self.generation && metadata_digest(stored)? == self.metadata)
+    }
+}
+
+fn digest(value: &impl Serialize) -> Result<[u8; 32]> {
+    let bytes = serde_json::to_vec(value).map_err(|e| Error::Serialize("a child", e))?;
+    Ok(Sha256::digest(bytes).into())
+}
+
+fn metadata_digest<K: Resource>(object: &K) -> Result<[u8; 32]> {
+    let meta = object.meta();
+    digest(&(&meta.labels, &meta.annotations, &meta.owner_references))
 }
 
 impl Written {
@@ -96,11 +135,11 @@ where
     let kind: Cow<'static, str> = K::kind(&());
     let stored: Option<Arc<K>> = store.get(&ObjectRef::new(&name).within(&namespace));
     let stored_rv = stored.as_ref().and_then(|o| o.meta().resource_version.clone());
-    let digest: [u8; 32] = Sha256::digest(serde_json::to_vec(child).map_err(|e| Error::Serialize("a child", e))?).into();
+    let desired = digest(child)?;
     let last = ctx.written.with(pool, |w| w.children.get(&kind).cloned());
     if let (Some(stored), Some(last)) = (&stored, &last)
-        && stored_rv.as_ref() == Some(&last.resource_version)
-        && last.digest == digest
+        && last.digest == desired
+        && last.left_as_is(stored.as_ref())?
     {
         return Ok(K::clone(stored));
     }
@@ -108,16 +147,17 @@ where
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let after = api.patch(&name, &params, &Patch::Apply(child)).await?;
-    let after_rv = after.meta().resource_version.clone().unwrap_or_default();
-    let outcome = if stored_rv.as_ref() == Some(&after_rv) || last.as_ref().is_some_and(|l| l.resource_version == after_rv)
-    {
-        Outcome::Unchanged
-    } else if stored.is_none() && last.is_none() {
-        Outcome::Created
-    } else {
-        Outcome::Updated
-    };
-    ctx.written.with(pool, |w| w.children.insert(kind.clone(), Applied { resource_version: after_rv, digest }));
+    let written = Applied::of(&after, desired)?;
+    let after_rv = &written.resource_version;
+    let outcome =
+        if stored_rv.as_ref() == Some(after_rv) || last.as_ref().is_some_and(|l| l.resource_version == *after_rv) {
+            Outcome::Unchanged
+        } else if stored.is_none() && last.is_none() {
+            Outcome::Created
+        } else {
+            Outcome::Updated
+        };
+    ctx.written.with(pool, |w| w.children.insert(kind.clone(), written));
     if outcome != Outcome::Unchanged {
         let verb = if outcome == Outcome::Created { "Created" } else { "Updated" };
         tracing::info!(%kind, %name, "{}", verb.to_lowercase());

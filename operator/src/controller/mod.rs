@@ -231,6 +231,15 @@ where
     watcher(api, config.clone()).default_backoff().reflect(writer).touched_objects()
 }
 
+/// The User-Agent of the operator's requests, so that an API server's audit log tells them apart.
+pub const USER_AGENT: &str = concat!("inferpool-operator/", env!("CARGO_PKG_VERSION"));
+
+/// `config` with the operator's [`USER_AGENT`] on every request.
+pub fn identified(mut config: kube::Config) -> kube::Config {
+    config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
+    config
+}
+
 /// Resolves once `stopped` says true (or its sender is gone).
 pub async fn stop_signal(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
@@ -249,7 +258,8 @@ where
 
 /// Reconciles one pool, in a span that names it; counted and timed in the operator's metrics.
 pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Action> {
-    let span = tracing::info_span!("reconcile", namespace = pool.namespace().unwrap_or_default(), pool = pool.name_any());
+    let span =
+        tracing::info_span!("reconcile", namespace = pool.namespace().unwrap_or_default(), pool = pool.name_any());
     async {
         let timer = ctx.metrics.reconcile_duration.start_timer();
         let result = reconcile::reconcile_pool(&pool, &ctx).await;
@@ -277,7 +287,8 @@ pub async fn reconcile(pool: Arc<InferencePool>, ctx: Arc<Context>) -> Result<Ac
 /// After a failed reconcile: an invalid spec waits for a change; anything else retries with
 /// exponential backoff per pool.
 pub fn error_policy(pool: Arc<InferencePool>, error: &Error, ctx: Arc<Context>) -> Action {
-    let span = tracing::info_span!("reconcile", namespace = pool.namespace().unwrap_or_default(), pool = pool.name_any());
+    let span =
+        tracing::info_span!("reconcile", namespace = pool.namespace().unwrap_or_default(), pool = pool.name_any());
     let _entered = span.enter();
     if error.is_permanent() {
         tracing::info!(%error, "waiting for the pool to change");
@@ -294,7 +305,7 @@ pub fn error_policy(pool: Arc<InferencePool>, error: &Error, ctx: Arc<Context>) 
 pub fn backoff(attempt: u32) -> Duration {
     let (first, cap) = BACKOFF;
     let steps = usize::try_from(attempt.clamp(1, 32)).unwrap_or(32);
-    let delays = ExponentialBuilder::default().with_min_delay(first).with_max_delay(cap).with_jitter().without_max_times();
+    let delays =
+        ExponentialBuilder::default().with_min_delay(first).with_max_delay(cap).with_jitter().without_max_times();
     delays.build().nth(steps - 1).unwrap_or(cap).min(cap)
 }
-

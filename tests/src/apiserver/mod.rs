@@ -12,6 +12,7 @@
 //! This module is the HTTP layer: it parses paths and queries, computes what a write makes of an
 //! object (patches, apply, field ownership) and hands the result to the store.
 
+pub mod audit;
 pub mod error;
 pub mod fields;
 pub mod jsonpatch;
@@ -38,6 +39,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use audit::{Audit, Entry};
 use error::Status;
 use fields::{Scope, Writer};
 use resources::Resource;
@@ -55,6 +57,8 @@ pub struct ApiServer {
     pub addr: SocketAddr,
     /// Its objects.
     pub store: Arc<Store>,
+    /// Every request it was asked.
+    pub audit: Arc<Audit>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -63,8 +67,9 @@ impl ApiServer {
     pub fn start(listener: TcpListener) -> std::io::Result<ApiServer> {
         let addr = listener.local_addr()?;
         let store = Arc::new(Store::default());
-        let task = tokio::spawn(accept(listener, Arc::clone(&store)));
-        Ok(ApiServer { addr, store, task })
+        let audit = Arc::new(Audit::default());
+        let task = tokio::spawn(accept(listener, Arc::clone(&store), Arc::clone(&audit)));
+        Ok(ApiServer { addr, store, audit, task })
     }
 
     /// The base URL for a kubeconfig.
@@ -79,14 +84,14 @@ impl Drop for ApiServer {
     }
 }
 
-async fn accept(listener: TcpListener, store: Arc<Store>) {
+async fn accept(listener: TcpListener, store: Arc<Store>, audit: Arc<Audit>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let store = Arc::clone(&store);
+        let (store, audit) = (Arc::clone(&store), Arc::clone(&audit));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let store = Arc::clone(&store);
-                async move { Ok::<_, Infallible>(handle(&store, req).await) }
+                let (store, audit) = (Arc::clone(&store), Arc::clone(&audit));
+                async move { Ok::<_, Infallible>(handle(&store, &audit, req).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
@@ -202,10 +207,11 @@ pub(super) fn field_match(selector: &str, object: &Value) -> bool {
     })
 }
 
-async fn handle(store: &Arc<Store>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(store: &Arc<Store>, audit: &Audit, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let q = req.uri().query().unwrap_or("").to_owned();
+    let agent = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let result = async {
         if method == Method::GET
             && let Some(doc) = discovery(&path)
@@ -214,7 +220,7 @@ async fn handle(store: &Arc<Store>, req: Request<Incoming>) -> Response<Body> {
         }
         let target = parse_path(&path)?;
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let (content_type, agent) = (header(header::CONTENT_TYPE), header(header::USER_AGENT));
+        let content_type = header(header::CONTENT_TYPE);
         let body = req.into_body().collect().await.map_err(|e| Status::bad_request(e.to_string()))?.to_bytes();
         if body.len() > MAX_BODY {
             return Err(Status::refused(413, "RequestEntityTooLarge", "request body too large"));
@@ -224,7 +230,9 @@ async fn handle(store: &Arc<Store>, req: Request<Incoming>) -> Response<Body> {
     }
     .await;
     let resp = result.unwrap_or_else(|s| failure(&s));
-    tracing::info!(%method, path, query = q, code = resp.status().as_u16(), "api");
+    let code = resp.status().as_u16();
+    tracing::info!(%method, path, query = q, code, "api");
+    audit.record(Entry { method, path, query: q, code, agent });
     resp
 }
 

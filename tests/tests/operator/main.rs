@@ -4,6 +4,7 @@
 
 mod autoscale;
 mod real_cluster;
+mod traffic;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,7 +90,7 @@ impl Operator {
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async move {
-                let client = Client::try_from(config).unwrap();
+                let client = Client::try_from(controller::identified(config)).unwrap();
                 let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some(identity.clone()) };
                 let settings = Settings { default_image: image, image_pull_policy: None };
                 let ctx = Arc::new(Context::new(client.clone(), settings, reporter, task_metrics.clone()));
