@@ -4,7 +4,7 @@
 //! resourceVersion) and records every request, so the tests assert on what the operator asks for:
 //! method, path and body fields, never on exact query strings.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
@@ -16,6 +16,7 @@ use kube::Client;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 /// One request the operator sent.
@@ -57,7 +58,7 @@ fn mock_cluster(pool: Value, existing: Vec<(String, Value)>) -> (Client, Arc<Mut
                     .to_owned(),
                 body: body.clone(),
             };
-            log.lock().unwrap_or_else(|p| p.into_inner()).push(record);
+            log.lock().push(record);
             let found = existing.iter().find(|(p, _)| *p == path).map(|(_, v)| v.clone());
             let (status, reply) = match parts.method {
                 Method::GET => match found {
@@ -119,7 +120,7 @@ async fn reconcile(spec: Value, existing: Vec<(String, Value)>) -> (Result<Actio
     let result = tokio::time::timeout(Duration::from_secs(10), controller::reconcile(Arc::new(pool), ctx))
         .await
         .unwrap_or_else(|_| panic!("reconcile did not finish"));
-    let sent = sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let sent = sent.lock().clone();
     (result.map_err(|e| e.to_string()), sent)
 }
 

@@ -62,5 +62,5 @@ pub fn restart_hash(spec: &InferencePoolSpec, settings: &Settings) -> String {
         pod::image(spec, settings),
     );
     let digest = Sha256::digest(record.as_bytes());
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hex::encode(&digest[..8])
 }
