@@ -3,13 +3,16 @@
 //! This crate is the contract between the operator and the sidecar: the [`Tuning`] that the operator
 //! pushes to each model replica, the [`SlaReport`] each replica serves at `/api/v1/metrics/sla` for
 //! the operator to read and, behind the default `pool` feature, the `InferencePool` custom resource
-//! and its generated CustomResourceDefinition. The sidecar turns `pool` off, so it never links kube.
+//! and its generated CustomResourceDefinition. [`wire`] holds the HTTP side of the contract: the
+//! sidecar's ports, the paths both sides use and the admin token's header. The sidecar turns
+//! `pool` off, so it never links kube.
 
 pub mod optimization;
 #[cfg(feature = "pool")]
 pub mod pool;
 pub mod sla;
 pub mod tuning;
+pub mod wire;
 
 pub use optimization::Optimization;
 #[cfg(feature = "pool")]

@@ -10,13 +10,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use inferpool_crds::wire::{self, ADMIN_PORT, API_PORT};
 use inferpool_crds::{SlaReport, Tuning};
 use k8s_openapi::api::core::v1::Pod;
 
-/// Port of the sidecar's HTTP API in every replica.
-pub const HTTP_PORT: u16 = 8080;
-/// Port of the sidecar's admin listener in every replica.
-pub const ADMIN_PORT: u16 = 9090;
 /// How long one replica may take to answer.
 pub const TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -68,7 +65,7 @@ async fn call(
 ) -> Result<Bytes, PodError> {
     let mut request = Request::builder().method(method).uri(url);
     if let Some(token) = token {
-        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        request = request.header(header::AUTHORIZATION, wire::bearer(token));
     }
     if body.is_some() {
         request = request.header(header::CONTENT_TYPE, "application/json");
@@ -95,17 +92,19 @@ fn url(ip: &str, port: u16, path: &str) -> String {
 
 /// A replica's SLA report.
 pub async fn sla_report(http: &HttpClient, ip: &str) -> Result<SlaReport, PodError> {
-    let bytes = call(http, Method::GET, url(ip, HTTP_PORT, "/api/v1/metrics/sla"), None, None).await?;
+    let bytes = call(http, Method::GET, url(ip, API_PORT, wire::SLA_REPORT), None, None).await?;
     serde_json::from_slice(&bytes).map_err(|e| PodError::Body(e.to_string()))
 }
 
 /// Pushes a tuning to a replica's admin port.
 pub async fn push_tuning(http: &HttpClient, ip: &str, token: &str, tuning: &Tuning) -> Result<(), PodError> {
     let body = serde_json::to_vec(tuning).map_err(|e| PodError::Body(e.to_string()))?;
-    call(http, Method::PUT, url(ip, ADMIN_PORT, "/api/v1/tuning"), Some(token), Some(body)).await.map(|_| ())
+    call(http, Method::PUT, url(ip, ADMIN_PORT, wire::TUNING), Some(token), Some(body)).await.map(|_| ())
 }
 
 /// Clears a replica's in-memory cache.
 pub async fn clear_memory_cache(http: &HttpClient, ip: &str, token: &str) -> Result<(), PodError> {
-    call(http, Method::DELETE, url(ip, ADMIN_PORT, "/api/v1/cache?tier=memory"), Some(token), None).await.map(|_| ())
+    call(http, Method::DELETE, url(ip, ADMIN_PORT, &format!("{}?tier=memory", wire::CACHE)), Some(token), None)
+        .await
+        .map(|_| ())
 }

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 
 use inferpool_crds::Tuning;
 use inferpool_crds::pool::InferencePool;
+use inferpool_crds::wire::API_PORT;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -43,10 +44,6 @@ pub const FIELD_MANAGER: &str = "inferpool-operator";
 
 /// Name of the sidecar container in every replica pod.
 pub const SIDECAR_CONTAINER: &str = "sidecar";
-/// Port of the sidecar's public API (and of `/healthz`, `/readyz`).
-pub const HTTP_PORT: i32 = 8080;
-/// Port of the sidecar's admin listener (`/metrics`, `PUT /api/v1/tuning`).
-pub const ADMIN_PORT: i32 = 9090;
 /// Name of the public port, on the container and the Service.
 pub const HTTP_PORT_NAME: &str = "http";
 /// Name of the admin port, on the container and the Service.
@@ -159,7 +156,7 @@ pub fn labels(pool_name: &str) -> BTreeMap<String, String> {
 /// In-cluster address of the pool's Service: `http://<service>.<namespace>.svc:8080`.
 pub fn endpoint(pool: &InferencePool) -> Result<String> {
     let owner = Owner::of(pool)?;
-    Ok(format!("http://{}.{}.svc:{HTTP_PORT}", names::service(&owner.name), owner.namespace))
+    Ok(format!("http://{}.{}.svc:{API_PORT}", names::service(&owner.name), owner.namespace))
 }
 
 /// What every child takes from its pool: name, namespace and the controller reference.

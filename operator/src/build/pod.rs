@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use inferpool_crds::pool::{InferencePool, InferencePoolSpec};
+use inferpool_crds::wire::{ADMIN_PORT, API_PORT};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
@@ -19,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ADMIN_PORT, ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, CACHE_MOUNT_PATH, DATA_MOUNT_PATH, HTTP_PORT, HTTP_PORT_NAME, Owner,
-    SIDECAR_CONTAINER, Settings, TMP_MOUNT_PATH, labels, names, selector_labels,
+    ADMIN_PORT_NAME, ADMIN_TOKEN_KEY, CACHE_MOUNT_PATH, DATA_MOUNT_PATH, HTTP_PORT_NAME, Owner, SIDECAR_CONTAINER,
+    Settings, TMP_MOUNT_PATH, labels, names, selector_labels,
 };
 use crate::{Error, Result};
 
@@ -122,7 +123,7 @@ fn sidecar(spec: &InferencePoolSpec, pool_name: &str, settings: &Settings) -> Co
         name: SIDECAR_CONTAINER.to_owned(),
         image: Some(image(spec, settings).to_owned()),
         image_pull_policy: settings.image_pull_policy.clone(),
-        ports: Some(vec![port(HTTP_PORT_NAME, HTTP_PORT), port(ADMIN_PORT_NAME, ADMIN_PORT)]),
+        ports: Some(vec![port(HTTP_PORT_NAME, API_PORT), port(ADMIN_PORT_NAME, ADMIN_PORT)]),
         env: Some(env(spec, pool_name)),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource { name: names::tuning_config_map(pool_name), optional: None }),
@@ -147,7 +148,7 @@ fn sidecar(spec: &InferencePoolSpec, pool_name: &str, settings: &Settings) -> Co
 /// The sidecar's environment (everything but the live tuning, which comes from the ConfigMap).
 fn env(spec: &InferencePoolSpec, pool_name: &str) -> Vec<EnvVar> {
     let mut env = vec![
-        value("INFERPOOL_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
+        value("INFERPOOL_LISTEN", format!("0.0.0.0:{API_PORT}")),
         value("INFERPOOL_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
     ];
     if let Some(path) = model_path(&spec.model.uri) {
@@ -295,10 +296,10 @@ fn probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
     }
 }
 
-fn port(name: &str, port: i32) -> ContainerPort {
+fn port(name: &str, port: u16) -> ContainerPort {
     ContainerPort {
         name: Some(name.to_owned()),
-        container_port: port,
+        container_port: i32::from(port),
         protocol: Some("TCP".to_owned()),
         ..ContainerPort::default()
     }

@@ -1,11 +1,12 @@
 //! The pool's Service (its in-cluster address) and PodDisruptionBudget.
 
+use inferpool_crds::wire::{ADMIN_PORT, API_PORT};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{ADMIN_PORT, ADMIN_PORT_NAME, HTTP_PORT, HTTP_PORT_NAME, Owner, names, selector_labels};
+use super::{ADMIN_PORT_NAME, HTTP_PORT_NAME, Owner, names, selector_labels};
 
 /// A ClusterIP Service in front of the ready replicas: the public API and the admin port.
 pub(super) fn service(owner: &Owner) -> Service {
@@ -14,17 +15,17 @@ pub(super) fn service(owner: &Owner) -> Service {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(selector_labels(&owner.name)),
-            ports: Some(vec![port(HTTP_PORT_NAME, HTTP_PORT), port(ADMIN_PORT_NAME, ADMIN_PORT)]),
+            ports: Some(vec![port(HTTP_PORT_NAME, API_PORT), port(ADMIN_PORT_NAME, ADMIN_PORT)]),
             ..ServiceSpec::default()
         }),
         status: None,
     }
 }
 
-fn port(name: &str, port: i32) -> ServicePort {
+fn port(name: &str, port: u16) -> ServicePort {
     ServicePort {
         name: Some(name.to_owned()),
-        port,
+        port: i32::from(port),
         target_port: Some(IntOrString::String(name.to_owned())),
         protocol: Some("TCP".to_owned()),
         app_protocol: Some("http".to_owned()),

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use inferpool_crds::wire;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
@@ -288,8 +289,8 @@ impl State {
         let Ok(created) = store.create(pods, ns, pod) else { return };
         let container = main_container(&created);
         let ports = [
-            probes::named_port(&container, "http").unwrap_or(8080),
-            probes::named_port(&container, "admin").unwrap_or(9090),
+            probes::named_port(&container, "http").unwrap_or(wire::API_PORT),
+            probes::named_port(&container, "admin").unwrap_or(wire::ADMIN_PORT),
         ];
         let ip = self.ip(&ports);
         let key = Key { resource: pods, namespace: ns.to_owned(), name: str_at(&created, "/metadata/name").to_owned() };

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use inferpool_crds::wire;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
@@ -306,7 +307,10 @@ fn spawn(
     for m in mounts {
         std::fs::create_dir_all(&m.host)?;
     }
-    let (http, admin) = (named_port(container, "http").unwrap_or(8080), named_port(container, "admin").unwrap_or(9090));
+    let (http, admin) = (
+        named_port(container, "http").unwrap_or(wire::API_PORT),
+        named_port(container, "admin").unwrap_or(wire::ADMIN_PORT),
+    );
     let mut cmd = match &ctx.setpriv {
         Some(setpriv) => {
             let mut c = tokio::process::Command::new(setpriv);

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use inferpool_crds::wire;
 use serde_json::Value;
 
 /// One probe of a container, with Kubernetes' defaults filled in.
@@ -70,8 +71,8 @@ impl Probe {
     /// (default 8080) every 100 ms, so a pod turns Ready as soon as the sidecar is.
     pub fn default_readiness(container: &Value) -> Probe {
         Probe {
-            path: "/readyz".to_owned(),
-            port: named_port(container, "http").unwrap_or(8080),
+            path: wire::READYZ.to_owned(),
+            port: named_port(container, "http").unwrap_or(wire::API_PORT),
             initial_delay: Duration::ZERO,
             period: Duration::from_millis(100),
             timeout: Duration::from_secs(1),
