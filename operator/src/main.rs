@@ -136,13 +136,11 @@ fn print_or_fail(result: Result<String, String>) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_lease_manager=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    let format = match format {
+        LogFormat::Json => inferpool_serve::LogFormat::Json { flatten_event: true },
+        LogFormat::Text => inferpool_serve::LogFormat::Text,
+    };
+    inferpool_serve::init_logging(format, "RUST_LOG", "info,kube_lease_manager=warn");
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -155,7 +153,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (stop, stopped) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, state.clone(), controller::stop_signal(stopped.clone())));
     tokio::spawn(async move {
-        shutdown_signal().await;
+        inferpool_serve::shutdown_signal().await;
         tracing::info!("shutting down");
         let _ = stop.send(true);
     });
@@ -192,27 +190,4 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{}-{}", host.trim(), std::process::id())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

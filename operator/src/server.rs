@@ -1,6 +1,7 @@
 //! The operator's HTTP endpoint: `/healthz`, `/readyz` and `/metrics`.
 //!
-//! Written as `serve(listener, state, shutdown)` so tests bind port 0 and stop it cleanly.
+//! Written as `serve(listener, state, shutdown)` so tests bind port 0 and stop it cleanly; the accept
+//! loop is `inferpool_serve::serve`'s, as every listener's in the project.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,8 +13,7 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use inferpool_serve::Options;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
@@ -26,30 +26,16 @@ pub struct State {
     pub ready: AtomicBool,
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, then lets open connections finish.
 pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Future<Output = ()>) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let state = state.clone();
-                let service = service_fn(move |request| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&request, &state)) }
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    graceful.shutdown().await;
+    let service = |_peer| {
+        let state = Arc::clone(&state);
+        service_fn(move |request| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(route(&request, &state)) }
+        })
+    };
+    inferpool_serve::serve(listener, service, shutdown, &Options::default()).await;
 }
 
 fn route(request: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {

@@ -15,7 +15,6 @@
 pub mod audit;
 pub mod error;
 pub mod fields;
-pub mod jsonpatch;
 mod patch;
 pub mod persist;
 pub mod resources;
@@ -35,7 +34,6 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -84,19 +82,16 @@ impl Drop for ApiServer {
     }
 }
 
+/// Serves until the [`ApiServer`] is dropped, through the accept loop every inferpool listener uses.
 async fn accept(listener: TcpListener, store: Arc<Store>, audit: Arc<Audit>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+    let service = |_peer| {
         let (store, audit) = (Arc::clone(&store), Arc::clone(&audit));
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (store, audit) = (Arc::clone(&store), Arc::clone(&audit));
-                async move { Ok::<_, Infallible>(handle(&store, &audit, req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+        hyper::service::service_fn(move |req| {
+            let (store, audit) = (Arc::clone(&store), Arc::clone(&audit));
+            async move { Ok::<_, Infallible>(handle(&store, &audit, req).await) }
+        })
+    };
+    inferpool_serve::serve(listener, service, std::future::pending(), &inferpool_serve::Options::default()).await;
 }
 
 pub(super) fn full(status: StatusCode, value: &Value) -> Response<Body> {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::error::Status;
 use super::fields::{self, Writer};
 use super::store::{self, Key, Part, Store};
-use super::{Body, Call, Target, full, jsonpatch, parse_json, query, record_update, resources, scope};
+use super::{Body, Call, Target, full, parse_json, query, record_update, resources, scope};
 
 /// The `/scale` subresource: an `autoscaling/v1` Scale read from, and written to, the object.
 pub(super) fn scale(
@@ -51,8 +51,7 @@ pub(super) fn scale(
     match (method, content_type) {
         (&Method::PUT, _) => requested = parse_json(body)?,
         (&Method::PATCH, ct) if ct.starts_with("application/json-patch+json") => {
-            requested = jsonpatch::apply(&requested, &parse_json(body)?)
-                .map_err(|e| Status::refused(422, "Invalid", e.to_string()))?;
+            requested = apply_json_patch(&requested, &parse_json(body)?)?;
         }
         (&Method::PATCH, _) => merge(&mut requested, &parse_json(body)?),
         (m, _) => return Err(Status::refused(405, "MethodNotAllowed", format!("{m} is not supported on /scale"))),
@@ -76,6 +75,18 @@ pub(super) fn scale(
     }
     let updated = store.replace(key, Part::Main, object, false)?;
     Ok(full(StatusCode::OK, &view(&updated)))
+}
+
+/// `doc` with an RFC 6902 JSON patch applied, all or nothing (kube-rs's finalizer helper adds and
+/// removes finalizers with one, under a `test` precondition). A malformed patch or an operation
+/// that fails (a `test` that does not hold, a path that names nothing) is 422 Invalid.
+pub fn apply_json_patch(doc: &Value, patch: &Value) -> Result<Value, Status> {
+    let invalid = |message: String| Status::refused(422, "Invalid", message);
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch.clone()).map_err(|e| invalid(format!("malformed JSON patch: {e}")))?;
+    let mut out = doc.clone();
+    json_patch::patch(&mut out, &patch).map_err(|e| invalid(e.to_string()))?;
+    Ok(out)
 }
 
 /// RFC 7386 JSON merge patch.
@@ -143,7 +154,7 @@ fn patch_once(
 ) -> Result<Response<Body>, Status> {
     let current = store.get(key)?;
     let mut object = if json_patch {
-        jsonpatch::apply(&current, patch).map_err(|e| Status::refused(422, "Invalid", e.to_string()))?
+        apply_json_patch(&current, patch)?
     } else {
         let mut object = current.clone();
         merge(&mut object, patch);
@@ -204,5 +215,35 @@ fn server_side_apply(
             object["metadata"]["name"] = json!(key.name);
             Ok(full(StatusCode::CREATED, &store.create(t.resource, &key.namespace, object)?))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::apply_json_patch;
+
+    #[test]
+    fn json_patch_operations_and_refusals() {
+        let doc = json!({"metadata": {"finalizers": ["a", "b"]}, "spec": {"x": 1}});
+        let cases = [
+            (json!([{"op": "add", "path": "/metadata/finalizers/-", "value": "c"}]), Ok(json!(["a", "b", "c"]))),
+            (json!([{"op": "remove", "path": "/metadata/finalizers/0"}]), Ok(json!(["b"]))),
+            (
+                json!([{"op": "test", "path": "/metadata/finalizers", "value": ["a", "b"]}, {"op": "replace", "path": "/metadata/finalizers", "value": []}]),
+                Ok(json!([])),
+            ),
+            (json!([{"op": "test", "path": "/metadata/finalizers", "value": ["z"]}]), Err(422)),
+            (json!([{"op": "remove", "path": "/metadata/nope/0"}]), Err(422)),
+            (json!({"op": "add"}), Err(422)),
+            (json!([{"op": "frobnicate", "path": "/spec"}]), Err(422)),
+        ];
+        for (patch, want) in cases {
+            let got = apply_json_patch(&doc, &patch).map(|d| d["metadata"]["finalizers"].clone()).map_err(|s| s.code);
+            assert_eq!(got, want, "{patch}");
+        }
+        let moved = apply_json_patch(&doc, &json!([{"op": "move", "from": "/spec/x", "path": "/spec/y"}])).unwrap();
+        assert_eq!(moved["spec"], json!({"y": 1}));
     }
 }

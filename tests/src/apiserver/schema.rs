@@ -12,8 +12,8 @@
 //! API server's wording so clients and people see what a cluster would tell them.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 
+use parking_lot::Mutex;
 use regex::Regex;
 use serde_json::{Map, Value};
 
@@ -227,7 +227,7 @@ fn check_string(schema: &Value, value: &Value, s: &str, path: &str, out: &mut Ve
 /// Whether `s` matches `pattern`; None when the pattern does not compile (then it is not checked).
 fn matches(pattern: &str, s: &str) -> Option<bool> {
     static CACHE: Mutex<Option<HashMap<String, Option<Regex>>>> = Mutex::new(None);
-    let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut cache = CACHE.lock();
     let re =
         cache.get_or_insert_with(HashMap::new).entry(pattern.to_owned()).or_insert_with(|| Regex::new(pattern).ok());
     re.as_ref().map(|re| re.is_match(s))
