@@ -1,5 +1,8 @@
-//! The ONNX Runtime engine: one `ort` session that turns a batch of image tensors into embeddings,
-//! the implementation of [`crate::embed::engine::Engine`] that serves traffic.
+//! What the pipeline needs from a model, [`Engine`] (run a batch of input tensors, get one
+//! embedding each), and the implementation that serves traffic: the ONNX Runtime engine, one `ort`
+//! session that turns a batch of image tensors into embeddings. With the `fake-engine` feature a
+//! deterministic `FakeEngine` stands in, so batching, admission and deadline behaviour are tested
+//! without ONNX Runtime or a model file.
 //!
 //! The runtime library is loaded at run time (`load-dynamic`) from the first of: `--ort-library`,
 //! `ORT_DYLIB_PATH`, next to the binary, the checkout's `.cache/onnxruntime/` (put there by
@@ -16,8 +19,28 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::Tensor;
 
 use crate::config::ProviderChoice;
-use crate::embed::engine::InferError;
 use crate::model::{Layout, LoadedCard, Optimization, Variant};
+
+/// Why a batch produced no embeddings.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct InferError(pub String);
+
+/// A loaded model that turns batches of image tensors into embeddings.
+pub trait Engine: Send + 'static {
+    /// Runs `n` images laid end to end in `batch` (each `tensor_len` values in the card's layout)
+    /// and returns their `n` embeddings, in order.
+    fn run(&mut self, batch: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, InferError>;
+
+    /// Runs every batch shape that batches of up to `max_batch` images will use, so no request
+    /// pays for a shape's first run. Called on the thread that will run every batch.
+    fn warm_up(&mut self, max_batch: usize) -> Result<(), InferError>;
+}
+
+#[cfg(any(test, feature = "fake-engine"))]
+mod fake;
+#[cfg(any(test, feature = "fake-engine"))]
+pub use fake::FakeEngine;
 
 /// Name of the ONNX Runtime library on this platform.
 const ORT_LIB: &str = "libonnxruntime.so";
@@ -276,7 +299,7 @@ impl OnnxEngine {
     }
 }
 
-impl crate::embed::engine::Engine for OnnxEngine {
+impl Engine for OnnxEngine {
     fn run(&mut self, batch: Vec<f32>, n: usize) -> Result<Vec<Vec<f32>>, InferError> {
         OnnxEngine::run(self, batch, n).map_err(|e| InferError(e.to_string()))
     }

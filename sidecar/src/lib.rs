@@ -15,6 +15,7 @@ pub mod config;
 pub mod embed;
 pub mod engine;
 pub mod http;
+pub mod labels;
 pub mod matcher;
 pub mod metrics;
 pub mod model;
@@ -26,7 +27,7 @@ pub mod sla;
 use std::future::Future;
 use std::sync::Arc;
 
-use hyper_util::server::graceful::GracefulShutdown;
+use inferpool_serve::Stopped;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -63,9 +64,8 @@ pub async fn serve(
         tracing::warn!("no admin token configured: tuning pushes (PUT /api/v1/tuning) are refused");
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let graceful = GracefulShutdown::new();
-    let public = http::serve(listener, Arc::clone(&app), http::Listener::Public, &graceful, stop_rx.clone());
-    let admin = http::serve(admin, Arc::clone(&app), http::Listener::Admin, &graceful, stop_rx);
+    let public = http::serve(listener, Arc::clone(&app), http::Listener::Public, stop_rx.clone(), grace);
+    let admin = http::serve(admin, Arc::clone(&app), http::Listener::Admin, stop_rx, grace);
     if let Some(threshold) = app.config.memory_threshold {
         cache::pressure::spawn(Arc::clone(&app.cache), threshold, report::rss_bytes);
     }
@@ -76,8 +76,12 @@ pub async fn serve(
         let app = Arc::clone(&app);
         tokio::task::spawn_blocking(move || app.load_model())
     };
+    // Each listener stops accepting when `stop_tx` turns true, then drains its connections.
     let mut serving = Box::pin(async {
-        tokio::join!(public, admin);
+        let (public, admin) = tokio::join!(public, admin);
+        if public == Stopped::GraceExpired || admin == Stopped::GraceExpired {
+            tracing::warn!(seconds = grace.as_secs(), "grace period over; closing the remaining connections");
+        }
     });
     tokio::pin!(shutdown);
     let mut loader = std::pin::pin!(loader);
@@ -105,9 +109,6 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     serving.as_mut().await;
     drop(serving);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(seconds = grace.as_secs(), "grace period over; closing the remaining connections");
-    }
     let drained = Arc::clone(&app);
     let _ = tokio::task::spawn_blocking(move || drained.drain()).await;
     // Cache writes still queued are worth keeping (a restarted replica answers them from disk).

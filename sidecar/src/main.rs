@@ -1,13 +1,11 @@
 //! `inferpool-sidecar`: parse the configuration, bind the listeners, serve until SIGTERM/SIGINT.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use inferpool_sidecar::config::{Args, EXIT_CONFIG, LogFormat};
 use tokio::net::{TcpListener, TcpSocket};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -56,7 +54,7 @@ async fn serve(config: inferpool_sidecar::Config) -> anyhow::Result<()> {
     tracing::info!(
         "try: curl -s -H 'Content-Type: image/jpeg' --data-binary @photo.jpg http://{addr}/api/v1/embed | head -c 300"
     );
-    inferpool_sidecar::run(listener, admin, config, shutdown_signal()).await?;
+    inferpool_sidecar::run(listener, admin, config, inferpool_serve::shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -70,30 +68,10 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the sidecar");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
-}
-
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("INFERPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let format = match format {
+        LogFormat::Json => inferpool_serve::LogFormat::Json { flatten_event: false },
+        LogFormat::Text => inferpool_serve::LogFormat::Text,
+    };
+    inferpool_serve::init_logging(format, "INFERPOOL_LOG", "info,ort=warn");
 }

@@ -11,7 +11,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::cache::{ErrorKind, Tier};
+use crate::labels::{ErrorKind, Tier};
 use crate::sla::Windows;
 
 /// Routes as metric labels.
@@ -274,6 +274,8 @@ impl Metrics {
         ] {
             registry.register(c)?;
         }
+        // process_cpu_seconds_total, process_resident_memory_bytes, open descriptors and the like.
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
             registry,
             requests,

@@ -331,5 +331,5 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
     let mut file = std::fs::File::open(path).map_err(read_err)?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).map_err(read_err)?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex::encode(hasher.finalize()))
 }

@@ -19,9 +19,10 @@ use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::matcher;
@@ -188,7 +189,7 @@ impl ProfileStore {
         };
         self.write_file(&profile)?;
         let profile = Arc::new(profile);
-        self.profiles.write().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), Arc::clone(&profile));
+        self.profiles.write().insert(id.to_owned(), Arc::clone(&profile));
         Ok((profile, previous.is_none()))
     }
 
@@ -212,7 +213,7 @@ impl ProfileStore {
             Err(e) => return Err(io_err("cannot remove", &path, e)),
         }
         sync_dir(&self.dir)?;
-        self.profiles.write().unwrap_or_else(PoisonError::into_inner).remove(id);
+        self.profiles.write().remove(id);
         Ok(())
     }
 
@@ -233,7 +234,7 @@ impl ProfileStore {
             return Ok(false);
         }
         self.write_file(&profile)?;
-        self.profiles.write().unwrap_or_else(PoisonError::into_inner).insert(profile.id.clone(), Arc::new(profile));
+        self.profiles.write().insert(profile.id.clone(), Arc::new(profile));
         Ok(true)
     }
 
@@ -263,15 +264,15 @@ impl ProfileStore {
 
     // A panic while holding a lock cannot leave the map half-changed (each change is one insert or
     // remove), so a poisoned lock is used as is rather than taking the server down.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Profile>>> {
-        self.profiles.read().unwrap_or_else(PoisonError::into_inner)
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, Arc<Profile>>> {
+        self.profiles.read()
     }
 
-    fn write_lock(&self, id: &str) -> std::sync::MutexGuard<'_, ()> {
+    fn write_lock(&self, id: &str) -> MutexGuard<'_, ()> {
         let mut hasher = std::hash::DefaultHasher::new();
         id.hash(&mut hasher);
         let stripe = (hasher.finish() % WRITE_STRIPES as u64) as usize;
-        self.writes[stripe].lock().unwrap_or_else(PoisonError::into_inner)
+        self.writes[stripe].lock()
     }
 
     /// Writes `<id>.json` atomically and durably.

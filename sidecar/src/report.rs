@@ -74,14 +74,7 @@ pub fn ai_inference(app: &App) -> Value {
     })
 }
 
-/// Resident set size from /proc (0 where it cannot be read).
+/// Resident set size of this process (0 where /proc cannot be read).
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        })
-        .unwrap_or(0)
+    procfs::process::Process::myself().and_then(|p| p.statm()).map_or(0, |m| m.resident * procfs::page_size())
 }

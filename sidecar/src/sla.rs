@@ -5,12 +5,12 @@
 //! log-scale latency histograms (10% wide bins, so a quantile is within ±5%), and a window is the sum
 //! of its buckets. Recording is one short critical section; reading sums at most 60 buckets.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use inferpool_crds::{LatencyQuantiles, TierHitRates, WindowReport};
+use parking_lot::Mutex;
 
-use crate::cache::Tier;
+use crate::labels::Tier;
 
 /// Longest window kept, in seconds.
 pub const MAX_WINDOW: u64 = 60;
@@ -121,7 +121,7 @@ impl Windows {
 
     fn with_bucket(&self, at: Instant, f: impl FnOnce(&mut Bucket)) {
         let second = at.saturating_duration_since(self.start).as_secs();
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ring = self.ring.lock();
         let b = &mut ring[(second % MAX_WINDOW) as usize];
         if b.second != second {
             *b = Bucket::empty(second);
@@ -169,7 +169,7 @@ impl Windows {
         let current = elapsed.as_secs();
         let mut sum = Bucket::empty(0);
         {
-            let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            let ring = self.ring.lock();
             for b in ring.iter().filter(|b| b.second <= current && b.second + seconds > current) {
                 sum.merge(b);
             }

@@ -69,6 +69,9 @@ async fn every_route_answers_its_happy_path() {
     // Memory for the dashboard and the alerts: the process's RSS, refreshed at each render.
     assert!(metric(&metrics, "inferpool_resident_memory_bytes") > 0.0, "{metrics}");
     assert!(metrics.contains("\ninferpool_memory_limit_bytes "), "{metrics}");
+    // The process collector's series (a CPU alert reads process_cpu_seconds_total).
+    assert!(metric(&metrics, "process_resident_memory_bytes") > 0.0, "{metrics}");
+    assert!(metrics.contains("\nprocess_cpu_seconds_total "), "{metrics}");
     let sla: SlaReport = serde_json::from_slice(&get(&s.url("/api/v1/metrics/sla")).await.body).unwrap();
     assert_eq!((sla.provider.as_str(), sla.variant.as_str(), sla.ready), ("cpu", "fp32", true));
     assert_eq!(sla.windows.iter().map(|w| w.seconds).collect::<Vec<_>>(), [2, 10, 60]);

@@ -124,6 +124,22 @@ impl Proc {
 }
 
 #[tokio::test]
+async fn a_request_logs_its_id_route_and_method_in_its_span() {
+    // The per-request line is at debug, for the HTTP layer only; the rest of the log stays at info.
+    let mut p = Proc::spawn(&[("INFERPOOL_LOG", "info,inferpool_sidecar::http=debug")]);
+    let api = p.ready().await;
+    let reply = send(Method::GET, &format!("{api}/healthz"), &[("x-request-id", "trace-me-42")], "").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers["x-request-id"], "trace-me-42");
+    let line = p.wait_log("served").await;
+    assert_eq!(line["span"]["request_id"], "trace-me-42", "{line}");
+    assert_eq!(line["span"]["route"], "probes", "{line}");
+    assert_eq!(line["span"]["method"], "GET", "{line}");
+    assert_eq!(line["fields"]["status"], 200, "{line}");
+    assert!(line["fields"]["duration_ms"].as_f64().is_some(), "{line}");
+}
+
+#[tokio::test]
 async fn sigterm_finishes_queued_work_then_exits_0_and_profiles_survive() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap();

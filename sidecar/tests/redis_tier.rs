@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, free_port, make_tls_files};
+use inferpool_sidecar::cache::Key;
 use inferpool_sidecar::cache::redis::{BreakerState, Lookup, ProfileSnapshot, RedisConfig, RedisError, RedisTier};
-use inferpool_sidecar::cache::{ErrorKind, Key, Tier};
+use inferpool_sidecar::labels::{ErrorKind, Tier};
 use inferpool_sidecar::metrics::Metrics;
 use tokio::task::JoinSet;
 

@@ -6,8 +6,9 @@
 //! of them becoming the new leader, so no follower waits for work nobody is doing.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::Key;
@@ -46,7 +47,7 @@ impl<V: Clone, E> Default for Coalescer<V, E> {
 impl<V: Clone, E> Coalescer<V, E> {
     /// Leads `key` if nobody is computing it, else follows.
     pub fn join(&self, key: Key) -> Role<'_, V, E> {
-        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inflight = self.inflight.lock();
         if let Some(rx) = inflight.get(&key)
             && rx.has_changed().is_ok()
         {
@@ -59,7 +60,7 @@ impl<V: Clone, E> Coalescer<V, E> {
 
     /// Keys in flight.
     pub fn len(&self) -> usize {
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.inflight.lock().len()
     }
 
     /// Whether nothing is in flight.
@@ -78,7 +79,7 @@ impl<V, E> Leader<'_, V, E> {
 
 impl<V, E> Drop for Leader<'_, V, E> {
     fn drop(&mut self) {
-        let mut inflight = self.owner.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inflight = self.owner.inflight.lock();
         // Remove only our own entry: a retrying follower may already lead a new one.
         if inflight.get(&self.key).is_some_and(|rx| rx.same_channel(&self.tx.subscribe())) {
             inflight.remove(&self.key);

@@ -32,7 +32,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use super::{KEY_LEN, Key};
 
@@ -293,11 +294,11 @@ impl DiskTier {
 
     fn lock_index(&self) -> MutexGuard<'_, Index> {
         // The index is consistent after every statement that can panic, so a poisoned lock is usable.
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+        self.index.lock()
     }
 
     fn stripe(&self, key: &Key) -> MutexGuard<'_, ()> {
-        self.stripes[key.0[0] as usize % STRIPES].lock().unwrap_or_else(|p| p.into_inner())
+        self.stripes[key.0[0] as usize % STRIPES].lock()
     }
 
     fn write_tmp(&self, data: &[u8]) -> Result<PathBuf, DiskError> {

@@ -37,18 +37,13 @@ impl Key {
 
     /// Lower-case hex, 64 characters.
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     /// Parses 64 hex characters.
     pub fn from_hex(s: &str) -> Option<Key> {
-        if s.len() != 2 * KEY_LEN || !s.is_ascii() {
-            return None;
-        }
         let mut k = [0u8; KEY_LEN];
-        for (i, b) in k.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
+        hex::decode_to_slice(s, &mut k).ok()?;
         Some(Key(k))
     }
 }
@@ -56,62 +51,6 @@ impl Key {
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key({})", &self.hex()[..16])
-    }
-}
-
-/// A cache tier, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tier {
-    /// L1: in-process memory.
-    Memory,
-    /// L2: the local disk.
-    Disk,
-    /// L3: Redis, shared by the replicas of a pool.
-    Redis,
-}
-
-impl Tier {
-    /// Every tier, top first.
-    pub const ALL: [Tier; 3] = [Tier::Memory, Tier::Disk, Tier::Redis];
-
-    /// Label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Memory => "memory",
-            Tier::Disk => "disk",
-            Tier::Redis => "redis",
-        }
-    }
-}
-
-/// Why a tier failed, as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// A stored entry failed its checksum or format check; it was dropped.
-    Corrupt,
-    /// The tier did not answer within its timeout.
-    Timeout,
-    /// The tier could not be reached.
-    Connection,
-    /// A local read or write failed.
-    Io,
-    /// A write was dropped because the write-behind queue was full.
-    Dropped,
-    /// The tier answered something unexpected.
-    Protocol,
-}
-
-impl ErrorKind {
-    /// Label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Corrupt => "corrupt",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Connection => "connection",
-            ErrorKind::Io => "io",
-            ErrorKind::Dropped => "dropped",
-            ErrorKind::Protocol => "protocol",
-        }
     }
 }
 

@@ -22,18 +22,20 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, FromRedisValue, Pipeline, RedisResult};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::error::Elapsed;
 
 use self::url::{connection_info, redact};
+use super::Key;
 pub use super::breaker::BreakerState;
 use super::breaker::{Admit, Breaker};
-use super::{ErrorKind, Key, Tier};
+use crate::labels::{ErrorKind, Tier};
 use crate::metrics::Metrics;
 
 mod url;
@@ -325,7 +327,7 @@ impl Shared {
     /// The connection and the breaker's permission for one operation, or `None` to skip it.
     fn admit(&self) -> Option<(ConnectionManager, Admit)> {
         let conn = self.conn.get()?.clone();
-        let mut breaker = self.breaker.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut breaker = self.breaker.lock();
         let (how, changed) = breaker.admit(Instant::now());
         if let Some(state) = changed {
             self.report(state, &breaker);
@@ -353,7 +355,7 @@ impl Shared {
             self.connected.send_if_modified(|c| std::mem::replace(c, up) != up);
         }
         {
-            let mut breaker = self.breaker.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut breaker = self.breaker.lock();
             if let Some(state) = breaker.record(Instant::now(), how, reachable) {
                 self.report(state, &breaker);
             }

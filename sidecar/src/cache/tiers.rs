@@ -14,11 +14,12 @@ use std::time::Instant;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use super::Key;
 use super::codec::{self, Encoding};
 use super::disk::{DiskError, DiskTier};
 use super::memory::MemoryTier;
 use super::redis::{Lookup, RedisConfig, RedisError, RedisTier};
-use super::{ErrorKind, Key, Tier};
+use crate::labels::{ErrorKind, Tier};
 use crate::metrics::Metrics;
 
 /// Disk writes that may wait; beyond it writes are dropped and counted.

@@ -24,9 +24,9 @@ use inferpool_crds::Tuning;
 use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
 use super::admission::ServiceRates;
-use super::engine::{Engine, InferError};
 use super::queue::{Lanes, Next, Priority, Queued};
 use super::workers::{Guarded, Workers};
+use crate::engine::{Engine, InferError};
 use crate::metrics::{Metrics, Stage};
 use crate::preprocess::Preprocessor;
 

@@ -10,13 +10,12 @@
 //! ```
 //!
 //! `http` parses requests into [`RequestOptions`] and maps [`EmbedError`] to statuses; nothing
-//! here knows HTTP. The engine is behind [`engine::Engine`], so batching, admission and deadlines
+//! here knows HTTP. The engine is behind [`crate::engine::Engine`], so batching, admission and deadlines
 //! are tested with a fake (feature `fake-engine`).
 
 pub mod admission;
 pub mod batcher;
 pub mod decode;
-pub mod engine;
 pub mod queue;
 pub mod workers;
 

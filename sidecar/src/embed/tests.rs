@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::embed::engine::FakeEngine;
+use crate::engine::FakeEngine;
 use crate::metrics::Stage;
 use crate::preprocess::Preprocessor;
 use inferpool_crds::Tuning;

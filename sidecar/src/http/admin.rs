@@ -8,8 +8,9 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
-use inferpool_crds::Tuning;
+use inferpool_crds::{Tuning, wire};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use super::api::{json_error, metrics_text, readiness};
 use super::{ApiError, Resp, Routed, json, read_body};
@@ -19,19 +20,29 @@ use crate::metrics::Route;
 /// Largest tuning document accepted.
 const MAX_TUNING_BYTES: usize = 64 * 1024;
 
+/// The route a path on the admin listener belongs to.
+pub fn route_of(path: &str) -> Route {
+    match path {
+        wire::LIVE | wire::READY => Route::Probes,
+        wire::METRICS => Route::Metrics,
+        wire::TUNING | wire::CACHE => Route::Tuning,
+        _ => Route::Unknown,
+    }
+}
+
 /// Dispatches a request on the admin listener.
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (path.as_str(), method) {
-        ("/live", Method::GET) => (Route::Probes, Ok(json(StatusCode::OK, &json!({"status": "alive"})))),
-        ("/ready", Method::GET) => (Route::Probes, readiness(app)),
-        ("/metrics", Method::GET) => (Route::Metrics, Ok(metrics_text(app))),
-        ("/api/v1/tuning", Method::GET) => (Route::Tuning, Ok(json(StatusCode::OK, &current(app)))),
-        ("/api/v1/tuning", Method::PUT) => (Route::Tuning, put_tuning(app, req).await),
-        ("/api/v1/cache", Method::GET) => (Route::Tuning, Ok(json(StatusCode::OK, &app.cache.stats()))),
-        ("/api/v1/cache", Method::DELETE) => (Route::Tuning, clear_cache(app, req).await),
-        ("/live" | "/ready" | "/metrics" | "/api/v1/tuning" | "/api/v1/cache", m) => {
+        (wire::LIVE, Method::GET) => (Route::Probes, Ok(json(StatusCode::OK, &json!({"status": "alive"})))),
+        (wire::READY, Method::GET) => (Route::Probes, readiness(app)),
+        (wire::METRICS, Method::GET) => (Route::Metrics, Ok(metrics_text(app))),
+        (wire::TUNING, Method::GET) => (Route::Tuning, Ok(json(StatusCode::OK, &current(app)))),
+        (wire::TUNING, Method::PUT) => (Route::Tuning, put_tuning(app, req).await),
+        (wire::CACHE, Method::GET) => (Route::Tuning, Ok(json(StatusCode::OK, &app.cache.stats()))),
+        (wire::CACHE, Method::DELETE) => (Route::Tuning, clear_cache(app, req).await),
+        (wire::LIVE | wire::READY | wire::METRICS | wire::TUNING | wire::CACHE, m) => {
             (Route::Unknown, Err(ApiError::MethodNotAllowed(m.to_string())))
         }
         _ => (Route::Unknown, Err(ApiError::NotFound(path))),
@@ -42,9 +53,9 @@ fn current(app: &App) -> Tuning {
     app.batcher_any().map_or(app.config.tuning, |b| b.tuning())
 }
 
-/// Compares in time independent of where the first difference is.
+/// Compares in time independent of where the first difference is (the length is not secret).
 fn same_token(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(a.ct_eq(b))
 }
 
 fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
@@ -53,9 +64,9 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(wire::parse_bearer)
         .ok_or(ApiError::Unauthorized)?;
-    if same_token(offered.trim().as_bytes(), expected.as_bytes()) { Ok(()) } else { Err(ApiError::Unauthorized) }
+    if same_token(offered.as_bytes(), expected.as_bytes()) { Ok(()) } else { Err(ApiError::Unauthorized) }
 }
 
 async fn put_tuning(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, Method, Request, StatusCode};
 use hyper::body::Incoming;
+use inferpool_crds::wire;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -28,11 +29,25 @@ const PROFILE_UPLOAD_DEADLINE: Duration = Duration::from_secs(30);
 /// Most results a scan returns.
 const MAX_TOP_K: usize = 100;
 
+/// The route a path on the public listener belongs to.
+pub fn route_of(path: &str) -> Route {
+    match path {
+        p if p.starts_with(wire::PROFILES_PREFIX) => Route::Profiles,
+        wire::EMBED => Route::Embed,
+        wire::MATCH => Route::Match,
+        wire::SCAN => Route::Scan,
+        wire::HEALTHZ | wire::READYZ => Route::Probes,
+        wire::METRICS => Route::Metrics,
+        wire::SLA_REPORT | wire::PERFORMANCE_REPORT | wire::AI_INFERENCE_REPORT => Route::Reports,
+        _ => Route::Unknown,
+    }
+}
+
 /// Dispatches a request on the public listener.
 pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    if let Some(id) = path.strip_prefix("/api/v1/profiles/") {
+    if let Some(id) = path.strip_prefix(wire::PROFILES_PREFIX) {
         let id = id.to_owned();
         let result = match method {
             Method::PUT => put_profile(app, &id, req).await,
@@ -42,28 +57,23 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
         };
         return (Route::Profiles, result);
     }
-    let route = match path.as_str() {
-        "/api/v1/embed" => Route::Embed,
-        "/api/v1/match" => Route::Match,
-        "/api/v1/scan" => Route::Scan,
-        "/healthz" | "/readyz" => Route::Probes,
-        "/metrics" => Route::Metrics,
-        "/api/v1/metrics/sla" | "/api/v1/metrics/performance" | "/api/v1/metrics/ai-inference" => Route::Reports,
-        _ => return (Route::Unknown, Err(ApiError::NotFound(path))),
-    };
+    let route = route_of(&path);
+    if route == Route::Unknown {
+        return (route, Err(ApiError::NotFound(path)));
+    }
     let wanted = if route.is_inference() { Method::POST } else { Method::GET };
     if method != wanted {
         return (route, Err(ApiError::MethodNotAllowed(method.to_string())));
     }
     let result = match path.as_str() {
-        "/api/v1/embed" => embed(app, req).await,
-        "/api/v1/match" => match_profile(app, req).await,
-        "/api/v1/scan" => scan(app, req).await,
-        "/healthz" => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
-        "/readyz" => readiness(app),
-        "/metrics" => Ok(metrics_text(app)),
-        "/api/v1/metrics/sla" => Ok(json(StatusCode::OK, &report::sla(app))),
-        "/api/v1/metrics/performance" => Ok(json(StatusCode::OK, &report::performance(app))),
+        wire::EMBED => embed(app, req).await,
+        wire::MATCH => match_profile(app, req).await,
+        wire::SCAN => scan(app, req).await,
+        wire::HEALTHZ => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
+        wire::READYZ => readiness(app),
+        wire::METRICS => Ok(metrics_text(app)),
+        wire::SLA_REPORT => Ok(json(StatusCode::OK, &report::sla(app))),
+        wire::PERFORMANCE_REPORT => Ok(json(StatusCode::OK, &report::performance(app))),
         _ => Ok(json(StatusCode::OK, &report::ai_inference(app))),
     };
     (route, result)

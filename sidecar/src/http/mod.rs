@@ -1,25 +1,26 @@
-//! HTTP plumbing shared by the public API and the admin listener: the accept loop with graceful
-//! shutdown, body limits, JSON responses and per-request metrics.
+//! HTTP plumbing shared by the public API and the admin listener: both listeners run
+//! `inferpool_serve::serve` (graceful shutdown, backoff on accept errors); this module adds body
+//! limits, JSON responses and per-request metrics.
 
 pub mod admin;
 pub mod api;
 pub mod error;
+pub mod request_id;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use inferpool_serve::{Options, Stopped};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 pub use error::ApiError;
 
@@ -94,62 +95,68 @@ pub enum Listener {
     Admin,
 }
 
-/// Routes one request, answers it, and records its metrics.
+/// Routes one request inside its span, answers it with its request id, and records its metrics.
 async fn handle(app: Arc<App>, which: Listener, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let started = Instant::now();
+    let id = request_id::of(req.headers());
+    // Info level, so that the warnings logged under the default filter carry the request's fields.
+    let span = tracing::info_span!(
+        "request",
+        request_id = id.to_str().unwrap_or_default(),
+        method = %req.method(),
+        route = match which {
+            Listener::Public => api::route_of(req.uri().path()),
+            Listener::Admin => admin::route_of(req.uri().path()),
+        }
+        .as_str(),
+    );
+    let mut resp = answer(&app, which, req, started).instrument(span).await;
+    resp.headers_mut().insert(request_id::HEADER, id);
+    Ok(resp)
+}
+
+async fn answer(app: &Arc<App>, which: Listener, req: Request<Incoming>, started: Instant) -> Resp {
     let (route, result) = match which {
-        Listener::Public => api::route(&app, req).await,
-        Listener::Admin => admin::route(&app, req).await,
+        Listener::Public => api::route(app, req).await,
+        Listener::Admin => admin::route(app, req).await,
     };
     let resp = result.unwrap_or_else(|e| {
         // 503 and 504 are load, counted in metrics; logging each would flood the log under overload.
         if e.status_code().0 == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::warn!(route = route.as_str(), error = %e, "request failed");
+            tracing::warn!(error = %e, "request failed");
         }
         error_response(&e)
     });
-    app.metrics.request(route, resp.status().as_u16(), started.elapsed());
-    Ok(resp)
+    let took = started.elapsed();
+    // Debug: one line per request would flood the log under load at info.
+    tracing::debug!(status = resp.status().as_u16(), duration_ms = took.as_secs_f64() * 1e3, "served");
+    app.metrics.request(route, resp.status().as_u16(), took);
+    resp
 }
 
 /// Result of routing: the route label and the handler's outcome.
 pub type Routed = (Route, Result<Resp, ApiError>);
 
-/// Accepts connections until `stop` turns true; each connection is watched for graceful shutdown.
+/// Serves `listener` until `stop` turns true, then lets open connections finish within `grace`.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     which: Listener,
-    graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that opens a connection and sends its headers slowly must not hold it forever.
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(30));
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => break,
-        };
-        let _ = stream.set_nodelay(true);
+    grace: Duration,
+) -> Stopped {
+    let options = Options {
+        // A client that opens a connection and sends its headers slowly must not hold it forever.
+        header_read_timeout: Some(Duration::from_secs(30)),
+        nodelay: true,
+        grace: Some(grace),
+        ..Options::default()
+    };
+    let service = |_peer| {
         let app = Arc::clone(&app);
-        let service = hyper::service::service_fn(move |req| handle(Arc::clone(&app), which, req));
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let watched = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
+        hyper::service::service_fn(move |req| handle(Arc::clone(&app), which, req))
+    };
+    inferpool_serve::serve(listener, service, stopped(&mut stop), &options).await
 }
 
 /// Completes once `stop` turns true (or its sender is gone).

@@ -38,7 +38,7 @@ pub struct ProfileSync {
     /// The last version pulled; one pull at a time.
     seen: Mutex<u64>,
     /// Deletions made while Redis was unreachable, published on the next pull (in memory only).
-    pending_deletes: std::sync::Mutex<HashSet<String>>,
+    pending_deletes: parking_lot::Mutex<HashSet<String>>,
 }
 
 impl ProfileSync {
@@ -63,8 +63,8 @@ impl ProfileSync {
         result
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.pending_deletes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn pending(&self) -> parking_lot::MutexGuard<'_, HashSet<String>> {
+        self.pending_deletes.lock()
     }
 
     /// Adopts the changes other replicas published since the last pull.

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::embed::engine::FakeEngine;
+use crate::engine::FakeEngine;
 
 const SIDE: u32 = 2;
 
@@ -68,7 +68,7 @@ async fn batches_form_up_to_the_tuned_size_and_each_caller_gets_its_own_answer()
         let e = t.await.unwrap().unwrap();
         assert_eq!(e.embedding, vec![f32::from(i as u8); 4], "request {i} got another's answer");
     }
-    let mut sizes = engine.sizes.lock().unwrap().clone();
+    let mut sizes = engine.sizes.lock().clone();
     sizes.sort_unstable();
     assert_eq!(sizes, [2, 4, 4]);
     assert_eq!(rates.batch_images.get().map(|n| n > 0.0), Some(true), "batches feed the service rates");
@@ -91,13 +91,13 @@ async fn high_priority_requests_run_first() {
     let engine = FakeEngine::new(preprocessor().tensor_len(), 1, Duration::from_millis(300));
     let (b, _, _) = start(&engine, tuning(1, 0), 64);
     let b = Arc::new(b);
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let send = |v: u8, p: Priority| {
         let (b, order) = (Arc::clone(&b), Arc::clone(&order));
         tokio::spawn(async move {
             let slot = b.admit().unwrap();
             let e = b.embed(&slot, pixels(v), p, later(30_000)).await.unwrap();
-            order.lock().unwrap().push(e.embedding[0] as u8);
+            order.lock().push(e.embedding[0] as u8);
         })
     };
     let mut tasks = vec![send(0, Priority::Normal)];
@@ -117,7 +117,7 @@ async fn high_priority_requests_run_first() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(*order.lock().unwrap(), [0, 1, 3, 2]);
+    assert_eq!(*order.lock(), [0, 1, 3, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
