@@ -78,13 +78,7 @@ fn kubeconfig(server: &str) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("INFERPOOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    inferpool_serve::init_logging(inferpool_serve::LogFormat::Text, "INFERPOOL_LOG", "info");
     let (path, mode, sidecar_bin, listen, proxy, state_file) = match Cli::parse().command {
         Command::Up { kubeconfig, mode, sidecar_bin, listen, proxy, state_file } => {
             (kubeconfig, mode, sidecar_bin, listen, proxy, state_file)
@@ -119,11 +113,7 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&path, kubeconfig(&server.url())).with_context(|| format!("--kubeconfig {}", path.display()))?;
     tracing::info!(server = server.url(), kubeconfig = %path.display(), "up");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    inferpool_serve::shutdown_signal().await;
     tracing::info!("stopping: killing every pod's process");
     kubelet.shutdown().await;
     saver.map(Saver::finish).transpose()?;
