@@ -25,6 +25,7 @@ use std::fmt;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, FromRedisValue, Pipeline, RedisResult};
@@ -46,7 +47,7 @@ const BATCH: usize = 128;
 const WRITE_QUEUE: usize = 4096;
 /// Lookups waiting for the reader task; they wait at most one lookup budget anyway.
 const LOOKUP_QUEUE: usize = 4096;
-/// First delay between connection attempts; it doubles up to [`RETRY_MAX`].
+/// First delay between connection attempts; it doubles (plus jitter) up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between connection attempts.
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -170,7 +171,7 @@ enum Write {
 
 impl RedisTier {
     /// Validates the URL and returns at once; a background task connects, retrying with backoff
-    /// (100 ms doubling to 5 s), so Redis being down at start is not an error.
+    /// (100 ms doubling to 5 s, with jitter), so Redis being down at start is not an error.
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -443,7 +444,13 @@ impl Shared {
 
 /// Connects, retrying with backoff until it succeeds or the tier is dropped.
 async fn connect_loop(shared: Weak<Shared>, client: Client, cfg: ConnectionManagerConfig) {
-    let mut delay = RETRY_MIN;
+    // Jitter keeps the replicas of a pool from reconnecting in step when Redis comes back.
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(RETRY_MIN)
+        .with_max_delay(RETRY_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build();
     for attempt in 1u64.. {
         let result = ConnectionManager::new_with_config(client.clone(), cfg.clone()).await;
         let Some(shared) = shared.upgrade() else { return };
@@ -465,8 +472,7 @@ async fn connect_loop(shared: Weak<Shared>, client: Client, cfg: ConnectionManag
             }
         }
         drop(shared);
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(RETRY_MAX);
+        tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX).min(RETRY_MAX)).await;
     }
 }
 
