@@ -2,8 +2,8 @@
 //! benchmarks can count the requests a client makes (a real API server's audit log, in short).
 //! The log keeps the latest [`KEEP`] entries; [`Audit::mark`] counts every request ever made.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 
 use http::Method;
 
@@ -47,7 +47,7 @@ struct Log {
 impl Audit {
     /// Records one request.
     pub fn record(&self, entry: Entry) {
-        let mut log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut log = self.log.lock();
         log.total += 1;
         if log.entries.len() == KEEP {
             log.entries.pop_front();
@@ -57,12 +57,12 @@ impl Audit {
 
     /// The number of requests so far, to pass to [`Audit::since`] later.
     pub fn mark(&self) -> usize {
-        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total
+        self.log.lock().total
     }
 
     /// The requests made after `mark` (as many as are still kept).
     pub fn since(&self, mark: usize) -> Vec<Entry> {
-        let log = self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let log = self.log.lock();
         let newer = log.total.saturating_sub(mark).min(log.entries.len());
         log.entries.iter().skip(log.entries.len() - newer).cloned().collect()
     }
