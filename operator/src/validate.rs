@@ -35,12 +35,19 @@ pub fn validate(pool: &InferencePool) -> Result<(), Vec<SpecError>> {
     if pool.spec.image.as_deref().is_some_and(|image| image.trim().is_empty()) {
         fail("image", "must not be empty; leave it out to use the operator's default image".to_owned());
     }
-    if let Some(secret) = pool.spec.cache.redis.as_ref().and_then(|r| r.password_secret_ref.as_ref()) {
-        if secret.name.trim().is_empty() {
-            fail("cache.redis.passwordSecretRef", "needs the name of the Secret".to_owned());
-        }
-        if secret.key.trim().is_empty() {
-            fail("cache.redis.passwordSecretRef", "needs the key inside the Secret".to_owned());
+    if let Some(redis) = &pool.spec.cache.redis {
+        let refs = [
+            ("cache.redis.usernameSecretRef", &redis.username_secret_ref),
+            ("cache.redis.passwordSecretRef", &redis.password_secret_ref),
+        ];
+        for (field, secret) in refs {
+            let Some(secret) = secret else { continue };
+            if secret.name.trim().is_empty() {
+                fail(field, "needs the name of the Secret".to_owned());
+            }
+            if secret.key.trim().is_empty() {
+                fail(field, "needs the key inside the Secret".to_owned());
+            }
         }
     }
     if let Some(template) = &pool.spec.template {
@@ -204,6 +211,11 @@ mod tests {
                 "cache: {redis: {url: 'redis://r:6379', passwordSecretRef: {name: auth}}}",
                 "cache.redis.passwordSecretRef",
                 "key inside the Secret",
+            ),
+            (
+                "cache: {redis: {url: 'redis://r:6379', usernameSecretRef: {key: user}}}",
+                "cache.redis.usernameSecretRef",
+                "name of the Secret",
             ),
             ("template: {containers: [{name: sidecar, image: x}]}", "template.containers", "operator's own container"),
             ("template: {containers: [{name: a, image: x}, {name: a, image: y}]}", "template.containers", "used twice"),

@@ -24,7 +24,7 @@ const SLACK: Duration = Duration::from_millis(150);
 const PATIENCE: Duration = Duration::from_secs(30);
 
 fn config(url: String) -> RedisConfig {
-    RedisConfig { url, password: None, ttl: Duration::from_secs(60), timeout: BUDGET, prefix: "test:".into() }
+    RedisConfig { ttl: Duration::from_secs(60), timeout: BUDGET, ..RedisConfig::new(url, "test:") }
 }
 
 fn start_tier(cfg: RedisConfig) -> (Arc<RedisTier>, Arc<Metrics>) {
@@ -263,6 +263,97 @@ async fn profiles_reach_other_replicas_with_tombstones() {
     assert_eq!(second.version, 3);
     assert_eq!(second.entries, vec![("alice".into(), None), ("bob".into(), Some(b"two".to_vec()))]);
     assert_eq!(server.cli(&["GET", "test:profiles:version"]), "3");
+}
+
+/// The prefixes the operator gives two pools (docs/cache.md, "Key layout").
+fn pool(server: &RedisServer, name: &str) -> RedisConfig {
+    RedisConfig {
+        ttl: Duration::from_secs(60),
+        timeout: BUDGET,
+        ..RedisConfig::new(server.url(), format!("inferpool:prod:{name}:"))
+    }
+}
+
+#[tokio::test]
+async fn pools_on_one_redis_never_see_or_delete_each_others_keys_unless_they_share_embeddings() {
+    let server = RedisServer::start();
+    let (shop, _) = start_tier(pool(&server, "shop"));
+    let (news, _) = start_tier(pool(&server, "news"));
+    connected(&shop).await;
+    connected(&news).await;
+
+    shop.profile_put("alice", b"shop's").await.unwrap();
+    assert_eq!(news.profiles_since(0).await.unwrap(), None, "news sees shop's profiles");
+    news.profile_put("alice", b"news's").await.unwrap();
+    news.profile_delete("alice").await.unwrap();
+    let kept = shop.profiles_since(0).await.unwrap().expect("shop lost its profiles");
+    assert_eq!(kept.entries, vec![("alice".into(), Some(b"shop's".to_vec()))]);
+
+    shop.put(key(1), b"shop's embedding".to_vec());
+    shop.flush().await;
+    assert_eq!(get(&shop, &key(1)).await, Lookup::Hit(b"shop's embedding".to_vec()));
+    assert_eq!(get(&news, &key(1)).await, Lookup::Miss, "news reads shop's embeddings");
+
+    // Two pools that opt into sharing embeddings share those, and still nothing else.
+    let shared = |name: &str| RedisConfig { embedding_prefix: "inferpool:shared:".into(), ..pool(&server, name) };
+    let (a, _) = start_tier(shared("shop"));
+    let (b, _) = start_tier(shared("news"));
+    connected(&a).await;
+    connected(&b).await;
+    a.put(key(2), b"one model's embedding".to_vec());
+    a.flush().await;
+    assert_eq!(get(&b, &key(2)).await, Lookup::Hit(b"one model's embedding".to_vec()));
+    assert_eq!(b.profiles_since(0).await.unwrap().map(|s| s.entries.len()), Some(1), "news has only its tombstone");
+    let mut keys: Vec<String> = server.cli(&["KEYS", "*"]).lines().map(str::to_owned).collect();
+    keys.sort();
+    let emb = |prefix: &str, n: u32| format!("{prefix}emb:{}", key(n).hex());
+    let mut want = vec![
+        "inferpool:prod:news:profiles".to_owned(),
+        "inferpool:prod:news:profiles:version".to_owned(),
+        "inferpool:prod:shop:profiles".to_owned(),
+        "inferpool:prod:shop:profiles:version".to_owned(),
+        emb("inferpool:prod:shop:", 1),
+        emb("inferpool:shared:", 2),
+    ];
+    want.sort();
+    assert_eq!(keys, want);
+}
+
+#[tokio::test]
+async fn an_acl_user_limited_to_its_pools_keys_works_and_cannot_touch_another_pools() {
+    let server = RedisServer::start();
+    // What docs/security.md tells an admin to create for the pool prod/shop.
+    let setuser = ["ACL", "SETUSER", "shop", "on", ">shop-pw", "resetkeys", "~inferpool:prod:shop:*", "+@all"];
+    assert_eq!(server.cli(&setuser), "OK");
+    let as_shop = |pool_name: &str| RedisConfig {
+        username: Some("shop".into()),
+        password: Some("shop-pw\n".into()),
+        ..pool(&server, pool_name)
+    };
+
+    let (own, metrics) = start_tier(as_shop("shop"));
+    connected(&own).await;
+    own.profile_put("alice", b"one").await.unwrap();
+    own.put(key(1), b"v".to_vec());
+    own.flush().await;
+    assert_eq!(get(&own, &key(1)).await, Lookup::Hit(b"v".to_vec()));
+    assert_eq!(failures(&metrics), 0);
+
+    let (other, _) = start_tier(as_shop("news"));
+    connected(&other).await;
+    let refused = other.profile_put("alice", b"overwrite").await.unwrap_err();
+    assert!(matches!(&refused, RedisError::Command(m) if m.to_lowercase().contains("noperm")), "{refused}");
+    assert_eq!(server.cli(&["HGET", "inferpool:prod:shop:profiles", "alice"]), "one");
+
+    let (wrong, metrics) = start_tier(RedisConfig { username: Some("nobody".into()), ..as_shop("shop") });
+    tokio::time::timeout(PATIENCE, async {
+        while metrics.cache_errors(Tier::Redis, ErrorKind::Connection) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the unknown user was not counted");
+    assert!(!wrong.is_connected());
 }
 
 #[tokio::test]

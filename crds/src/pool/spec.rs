@@ -261,9 +261,17 @@ pub struct RedisSpec {
     /// `redis://host:port[/db]` or `rediss://` for TLS; no password here (use `passwordSecretRef`).
     #[schemars(regex(pattern = r"^rediss?://[^\s@]+$"))]
     pub url: String,
+    /// Secret key holding the Redis ACL username (the URL cannot carry credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_secret_ref: Option<SecretKeySelector>,
     /// Secret key holding the Redis password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeySelector>,
+    /// Share embedding entries with other pools that set this on the same Redis. Entries are keyed
+    /// by the model fingerprint, so only pools serving the same model share any; profiles are
+    /// never shared. Off: every key is the pool's own (`inferpool:NAMESPACE:POOL:`).
+    #[serde(default)]
+    pub share_embeddings: bool,
     /// How long a shared entry lives, in seconds.
     #[serde(default = "default_redis_ttl")]
     #[schemars(range(min = 1, max = 2592000))]

@@ -50,7 +50,7 @@ pub(super) fn template(pool: &InferencePool, owner: &Owner, settings: &Settings)
     let mut annotations = template.annotations;
     annotations.extend(operator_annotations(spec, settings));
 
-    let mut sidecar = sidecar(spec, &owner.name, settings);
+    let mut sidecar = sidecar(spec, owner, settings);
     if !template.volume_mounts.is_empty() {
         sidecar.volume_mounts.get_or_insert_with(Vec::new).extend(template.volume_mounts);
     }
@@ -118,13 +118,14 @@ fn operator_annotations(spec: &InferencePoolSpec, settings: &Settings) -> BTreeM
 }
 
 /// The sidecar container.
-fn sidecar(spec: &InferencePoolSpec, pool_name: &str, settings: &Settings) -> Container {
+fn sidecar(spec: &InferencePoolSpec, owner: &Owner, settings: &Settings) -> Container {
+    let pool_name = owner.name.as_str();
     Container {
         name: SIDECAR_CONTAINER.to_owned(),
         image: Some(image(spec, settings).to_owned()),
         image_pull_policy: settings.image_pull_policy.clone(),
         ports: Some(vec![port(HTTP_PORT_NAME, API_PORT), port(ADMIN_PORT_NAME, ADMIN_PORT)]),
-        env: Some(env(spec, pool_name)),
+        env: Some(env(spec, owner)),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource { name: names::tuning_config_map(pool_name), optional: None }),
             ..EnvFromSource::default()
@@ -146,7 +147,8 @@ fn sidecar(spec: &InferencePoolSpec, pool_name: &str, settings: &Settings) -> Co
 }
 
 /// The sidecar's environment (everything but the live tuning, which comes from the ConfigMap).
-fn env(spec: &InferencePoolSpec, pool_name: &str) -> Vec<EnvVar> {
+fn env(spec: &InferencePoolSpec, owner: &Owner) -> Vec<EnvVar> {
+    let pool_name = owner.name.as_str();
     let mut env = vec![
         value("INFERPOOL_LISTEN", format!("0.0.0.0:{API_PORT}")),
         value("INFERPOOL_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
@@ -171,12 +173,29 @@ fn env(spec: &InferencePoolSpec, pool_name: &str) -> Vec<EnvVar> {
     if let Some(redis) = &spec.cache.redis {
         env.push(value("INFERPOOL_REDIS_URL", redis.url.clone()));
         env.push(value("INFERPOOL_REDIS_TTL_SECONDS", redis.ttl_seconds.to_string()));
+        let prefix = redis_prefix(&owner.namespace, pool_name);
+        let embedding_prefix = if redis.share_embeddings { SHARED_EMBEDDING_PREFIX.to_owned() } else { prefix.clone() };
+        env.push(value("INFERPOOL_REDIS_PREFIX", prefix));
+        env.push(value("INFERPOOL_REDIS_EMBEDDING_PREFIX", embedding_prefix));
+        if let Some(username) = &redis.username_secret_ref {
+            env.push(secret("INFERPOOL_REDIS_USERNAME", username.clone()));
+        }
         if let Some(password) = &redis.password_secret_ref {
             env.push(secret("INFERPOOL_REDIS_PASSWORD", password.clone()));
         }
     }
     env
 }
+
+/// Prefix of a pool's own Redis keys: namespace and name, which together name one pool and
+/// cannot contain `:` (both are DNS labels), so no pool's prefix is a prefix of another's.
+pub fn redis_prefix(namespace: &str, pool: &str) -> String {
+    format!("inferpool:{namespace}:{pool}:")
+}
+
+/// Prefix of embedding entries for pools with `cache.redis.shareEmbeddings`. Entries are keyed
+/// by the model fingerprint and the image, so only pools serving the same model share one.
+pub const SHARED_EMBEDDING_PREFIX: &str = "inferpool:shared:";
 
 /// The file path of a `file:///path` model URI; `None` for the image's built-in model.
 pub(super) fn model_path(uri: &str) -> Option<&str> {

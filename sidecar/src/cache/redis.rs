@@ -11,10 +11,13 @@
 //!   a burst of requests costs one round trip. Writes are queued for a write-behind task that
 //!   pipelines them; a full queue drops writes instead of slowing anyone.
 //!
-//! Keys: embeddings at `{prefix}emb:{hex key}` with a TTL; profiles in the hash `{prefix}profiles`
-//! (an empty value is a deletion's tombstone, so other replicas learn of it), with a counter
-//! `{prefix}profiles:version` incremented in the same transaction as each change, so a replica
-//! polls one small key to learn whether anything changed.
+//! Keys (docs/cache.md has the layout): embeddings at `{embedding prefix}emb:{hex key}` with a
+//! TTL; profiles in the hash `{prefix}profiles` (an empty value is a deletion's tombstone, so other
+//! replicas learn of it), with a counter `{prefix}profiles:version` incremented in the same
+//! transaction as each change, so a replica polls one small key to learn whether anything changed.
+//! The operator gives each pool its own prefix, so pools on one Redis never see each other's
+//! keys; the embedding prefix is the pool's too unless the pool opts into sharing embeddings (the
+//! key hashes the model fingerprint, so only pools serving the same model ever share an entry).
 //!
 //! Failures are counted in `inferpool_cache_errors_total{tier="redis"}` by kind and the breaker's
 //! state is exported as `inferpool_cache_circuit_state`. Logs name Redis by `host:port` only: the
@@ -63,24 +66,47 @@ const CONNECT_MIN: Duration = Duration::from_secs(1);
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port/db` or `rediss://...` for TLS.
     pub url: String,
+    /// ACL username (e.g. from a Secret); overrides the URL's.
+    pub username: Option<String>,
     /// Password read from a file or the environment; overrides the URL's.
     pub password: Option<String>,
     /// How long embeddings live in Redis.
     pub ttl: Duration,
     /// Budget for one lookup; a lookup that takes longer is skipped.
     pub timeout: Duration,
-    /// Prefix of every key, e.g. `inferpool:`.
+    /// Prefix of the pool's own keys (profiles), e.g. `inferpool:prod:shop:`.
     pub prefix: String,
+    /// Prefix of embedding entries: the pool's prefix, or one shared by pools that opt in.
+    pub embedding_prefix: String,
+}
+
+impl RedisConfig {
+    /// Settings for `url` with the defaults the sidecar's flags have: no credentials beyond the
+    /// URL's, a one-hour TTL, a 20 ms lookup budget, and `prefix` for every key.
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> RedisConfig {
+        let prefix = prefix.into();
+        RedisConfig {
+            url: url.into(),
+            username: None,
+            password: None,
+            ttl: Duration::from_secs(3600),
+            timeout: Duration::from_millis(20),
+            embedding_prefix: prefix.clone(),
+            prefix,
+        }
+    }
 }
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &redact(&self.url))
+            .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
             .field("prefix", &self.prefix)
+            .field("embedding_prefix", &self.embedding_prefix)
             .finish()
     }
 }
@@ -136,6 +162,7 @@ struct Shared {
     /// `host:port`, the only part of the URL that is logged.
     addr: String,
     prefix: String,
+    embedding_prefix: String,
     ttl_ms: u64,
     timeout: Duration,
     slow_timeout: Duration,
@@ -199,6 +226,7 @@ impl RedisTier {
             metrics,
             addr,
             prefix: cfg.prefix,
+            embedding_prefix: cfg.embedding_prefix,
             ttl_ms: u64::try_from(cfg.ttl.as_millis()).unwrap_or(u64::MAX).max(1),
             timeout: cfg.timeout,
             slow_timeout,
@@ -322,7 +350,7 @@ impl Shared {
     }
 
     fn emb_key(&self, key: &Key) -> String {
-        format!("{}emb:{}", self.prefix, key.hex())
+        format!("{}emb:{}", self.embedding_prefix, key.hex())
     }
 
     /// The connection and the breaker's permission for one operation, or `None` to skip it.

@@ -115,9 +115,17 @@ pub struct Args {
     /// Budget of one Redis lookup, in ms; slower answers count as misses and trip the breaker.
     #[arg(long, env = "INFERPOOL_REDIS_TIMEOUT_MS", default_value = "20")]
     pub redis_timeout_ms: String,
-    /// Prefix of every Redis key, so pools can share one Redis.
+    /// Redis ACL username (overrides one in the URL); the operator takes it from a Secret.
+    #[arg(long, env = "INFERPOOL_REDIS_USERNAME", hide_env_values = true)]
+    pub redis_username: Option<String>,
+    /// Prefix of the pool's own Redis keys (profiles), so pools can share one Redis; the operator
+    /// sets `inferpool:NAMESPACE:POOL:`.
     #[arg(long, env = "INFERPOOL_REDIS_PREFIX", default_value = "inferpool:")]
     pub redis_prefix: String,
+    /// Prefix of embedding entries in Redis; default: --redis-prefix. Pools given the same one
+    /// share embeddings of the same model (the key hashes the model fingerprint).
+    #[arg(long, env = "INFERPOOL_REDIS_EMBEDDING_PREFIX")]
+    pub redis_embedding_prefix: Option<String>,
     /// How embeddings are stored in L2 and L3: f32 (exact) | f16 (half the bytes).
     #[arg(long, env = "INFERPOOL_CACHE_ENCODING", default_value = "f32")]
     pub cache_encoding: String,
@@ -309,7 +317,15 @@ impl Args {
             if !scheme_ok || url.len() <= "rediss://".len() {
                 c.0.push("--redis-url: expected redis://host:port[/db] or rediss://host:port[/db]".to_owned());
             }
-            RedisConfig { url, password: redis_password, ttl, timeout, prefix: self.redis_prefix.clone() }
+            RedisConfig {
+                url,
+                username: self.redis_username.clone(),
+                password: redis_password,
+                ttl,
+                timeout,
+                embedding_prefix: self.redis_embedding_prefix.clone().unwrap_or_else(|| self.redis_prefix.clone()),
+                prefix: self.redis_prefix.clone(),
+            }
         });
         let memory_limit_mb = c.range("memory-limit-mb", &self.memory_limit_mb, 0u64, 1 << 30);
         let pressure_ratio = c.range("memory-pressure-ratio", &self.memory_pressure_ratio, 0.1f64, 1.0);

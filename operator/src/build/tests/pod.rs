@@ -112,22 +112,42 @@ fn user_gpu_quantity_wins_and_requests_match_it() {
 }
 
 #[test]
-fn redis_password_comes_from_its_secret_never_in_plain_env() {
+fn redis_credentials_come_from_their_secret_never_in_plain_env() {
     let children = build(&pool("redis"));
     let sidecar = sidecar(&children);
     assert_eq!(env_value(sidecar, "INFERPOOL_REDIS_URL"), Some("rediss://redis.shop.svc:6380/2"));
     assert_eq!(env_value(sidecar, "INFERPOOL_REDIS_TTL_SECONDS"), Some("86400"));
-    let password = env(sidecar)["INFERPOOL_REDIS_PASSWORD"];
-    assert_eq!(password.value, None);
-    let selector = password.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("secretKeyRef");
-    assert_eq!((selector.name.as_str(), selector.key.as_str()), ("redis-auth", "password"));
-    // Nothing else in the pod template mentions the Secret's value or name outside the selector.
+    for (var, key) in [("INFERPOOL_REDIS_USERNAME", "username"), ("INFERPOOL_REDIS_PASSWORD", "password")] {
+        let credential = env(sidecar)[var];
+        assert_eq!(credential.value, None, "{var}");
+        let selector = credential.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("secretKeyRef");
+        assert_eq!((selector.name.as_str(), selector.key.as_str()), ("redis-auth", key));
+    }
+    // Nothing else in the pod template mentions the Secret's value or name outside the selectors.
     let text = serde_json::to_string(template(&children)).expect("json");
-    assert_eq!(text.matches("redis-auth").count(), 1);
+    assert_eq!(text.matches("redis-auth").count(), 2);
 
     let cache = serde_json::to_value(&pod(&children).volumes.as_ref().expect("volumes")[0]).expect("json");
     assert_eq!(cache, json!({"name": "cache", "persistentVolumeClaim": {"claimName": "catalog-cache"}}));
     assert_eq!(children.tuning.data.as_ref().expect("data")["INFERPOOL_MEMORY_ENTRIES"], "50000");
+}
+
+#[test]
+fn every_pool_gets_its_own_redis_keys_and_shares_embeddings_only_when_it_opts_in() {
+    let mut pool = pool("redis");
+    let prefixes = |pool: &InferencePool| {
+        let children = build(pool);
+        let sidecar = sidecar(&children);
+        let get = |var| env_value(sidecar, var).map(str::to_owned);
+        (get("INFERPOOL_REDIS_PREFIX"), get("INFERPOOL_REDIS_EMBEDDING_PREFIX"))
+    };
+    let own = Some("inferpool:shop:catalog:".to_owned());
+    assert_eq!(prefixes(&pool), (own.clone(), own.clone()));
+    pool.spec.cache.redis.as_mut().expect("fixture has redis").share_embeddings = true;
+    assert_eq!(prefixes(&pool), (own, Some("inferpool:shared:".to_owned())));
+    // Another namespace, same name: other keys.
+    pool.metadata.namespace = Some("news".to_owned());
+    assert_eq!(prefixes(&pool).0.as_deref(), Some("inferpool:news:catalog:"));
 }
 
 #[test]

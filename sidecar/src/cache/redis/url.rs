@@ -20,9 +20,15 @@ pub(super) fn connection_info(cfg: &RedisConfig) -> Result<ConnectionInfo, Redis
         ConnectionAddr::Tcp(host, _) | ConnectionAddr::TcpTls { host, .. } if !host.is_empty() => {}
         _ => return Err(invalid("no host".into())),
     }
-    let Some(password) = &cfg.password else { return Ok(info) };
-    // A password read from a file usually ends with a newline that is not part of it.
-    let redis = info.redis_settings().clone().set_password(password.trim_end_matches(['\r', '\n']));
+    // A username or password read from a file usually ends with a newline that is not part of it.
+    let trimmed = |value: &str| value.trim_end_matches(['\r', '\n']).to_owned();
+    let mut redis = info.redis_settings().clone();
+    if let Some(username) = &cfg.username {
+        redis = redis.set_username(trimmed(username));
+    }
+    if let Some(password) = &cfg.password {
+        redis = redis.set_password(trimmed(password));
+    }
     Ok(info.set_redis_settings(redis))
 }
 
@@ -38,18 +44,10 @@ pub(super) fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn cfg(url: &str, password: Option<&str>) -> RedisConfig {
-        RedisConfig {
-            url: url.into(),
-            password: password.map(Into::into),
-            ttl: Duration::from_secs(3600),
-            timeout: Duration::from_millis(20),
-            prefix: "t:".into(),
-        }
+        RedisConfig { password: password.map(Into::into), ..RedisConfig::new(url, "t:") }
     }
 
     #[test]
@@ -62,6 +60,14 @@ mod tests {
         let info = connection_info(&cfg("redis://:urlpw@cache", None)).unwrap();
         assert_eq!(info.redis_settings().password(), Some("urlpw"));
         assert_eq!(info.addr().to_string(), "cache:6379");
+    }
+
+    #[test]
+    fn the_configured_username_overrides_the_urls() {
+        let cfg = RedisConfig { username: Some("shop\n".into()), ..cfg("redis://bob:pw@cache", None) };
+        let info = connection_info(&cfg).unwrap();
+        assert_eq!(info.redis_settings().username(), Some("shop"));
+        assert_eq!(info.redis_settings().password(), Some("pw"));
     }
 
     #[test]
