@@ -50,8 +50,11 @@ for _ in $(seq 100); do [[ -s "$kubeconfig" ]] && break; sleep 0.1; done
 server="$(sed -n 's/^ *server: //p' "$kubeconfig")"
 echo "control plane: $server (kubeconfig $kubeconfig, log $state/control-plane.log)"
 
+# The key the pools' admin tokens derive from: made once, kept with the control plane's state.
+admin_key="$state/admin-key"
+[[ -s "$admin_key" ]] || (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$admin_key")
 KUBECONFIG="$kubeconfig" "$target/inferpool-operator" run --leader-election false --log-format text \
-    --listen 127.0.0.1:0 >"$state/operator.log" 2>&1 &
+    --listen 127.0.0.1:0 --admin-key-file "$admin_key" >"$state/operator.log" 2>&1 &
 pids+=($!)
 echo "operator: log $state/operator.log"
 

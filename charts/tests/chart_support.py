@@ -67,8 +67,10 @@ def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
-def operator_render(pool_file: Path) -> list[dict]:
-    """What `inferpool-operator render -f POOL` prints: the objects the operator would apply."""
+def operator_render(pool_file: Path, values: dict | None = None, check: bool = True):
+    """What `inferpool-operator render -f POOL` prints (the objects the operator would apply), run
+    with the image flags the chart gives the operator for `values`. With `check=False`, the
+    finished process instead."""
     if not OPERATOR.exists():
         message = (
             f"{OPERATOR} is missing: build it with `cargo build -p inferpool-operator` "
@@ -78,6 +80,10 @@ def operator_render(pool_file: Path) -> list[dict]:
         if os.environ.get("INFERPOOL_REQUIRE_OPERATOR") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    out = subprocess.run([OPERATOR, "render", "-f", pool_file], capture_output=True, text=True, timeout=60)
+    args = next(c for c in one(render(values or {}), "Deployment", "inferpool")["spec"]["template"]["spec"]["containers"] if c["name"] == "operator")["args"]
+    images = [a for a in args if a.startswith(("--default-image=", "--gpu-image="))]
+    out = subprocess.run([OPERATOR, "render", "-f", pool_file, *images], capture_output=True, text=True, timeout=60)
+    if not check:
+        return out
     assert out.returncode == 0, f"render -f {pool_file.name} failed:\n{out.stderr}"
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]

@@ -18,6 +18,7 @@ from chart_support import (
     NAMESPACE,
     POOL_FILES,
     RELEASE,
+    ROOT,
     chart_crds,
     find,
     notes,
@@ -109,20 +110,10 @@ def test_two_replicas_need_leader_election():
         render({"replicaCount": 2, "leaderElection": {"enabled": False}})
 
 
-# The operator's permissions, from operator/src (controller.rs, autoscale/runner.rs, observe.rs,
-# leader.rs): (apiGroup, resource) -> verbs. Anything more is a finding, anything less breaks it.
-OPERATOR_RULES = {
-    ("inferpool.dev", "inferencepools"): {"list", "watch"},
-    ("inferpool.dev", "inferencepools/status"): {"patch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
-    ("", "services"): {"get", "list", "watch", "create", "patch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
-    ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
-    ("", "secrets"): {"get", "create"},
-    ("", "pods"): {"list", "watch", "delete"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-}
-LEADER_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "patch"}}
+# The operator's permissions are checked against what it does, not against a list kept here:
+# tests/tests/operator/rbac.rs enforces the ClusterRole and the leader-election Role rendered by
+# charts/tests/operator_rbac.py on the operator in every end-to-end test (a missing verb is a 403
+# there) and fails on any granted verb the operator never used. Here: the shapes around them.
 
 
 def rules_of(role: dict) -> dict:
@@ -150,11 +141,13 @@ def test_rbac_is_least_privilege(case, kind, namespace):
     objects = render(values_of(case))
     role = one(objects, kind, "inferpool")
     assert role["metadata"].get("namespace") == namespace
-    assert rules_of(role) == OPERATOR_RULES
+    # A namespace-scoped install grants the same verbs, only in one namespace.
+    assert rules_of(role) == rules_of(one(render({}), "ClusterRole", "inferpool"))
+    assert not any("get" in verbs or "list" in verbs or "watch" in verbs for (group, resource), verbs in rules_of(role).items() if resource == "secrets"), "the operator must not read Secrets"
     assert binds_operator(one(objects, kind + "Binding", "inferpool"), role)
     leader = one(objects, "Role", "inferpool-leader-election")
     assert leader["metadata"]["namespace"] == NAMESPACE
-    assert rules_of(leader) == LEADER_RULES
+    assert {resource for (_, resource) in rules_of(leader)} == {"leases"}
     assert binds_operator(one(objects, "RoleBinding", "inferpool-leader-election"), leader)
     # The only other ClusterRoles are the user-facing aggregated ones, which the operator never holds.
     others = [r for r in find(objects, "ClusterRole") if r is not role]
@@ -278,3 +271,37 @@ def test_dashboard_config_map_carries_the_dashboard():
 def test_notes_render(case):
     text = notes(values_of(case))
     assert f"release {RELEASE}" in text and "kubectl apply --server-side --force-conflicts -f crds/inferencepool.yaml" in text
+
+
+def test_gpu_example_gets_the_charts_cuda_image_and_is_refused_without_one():
+    pool_file = ROOT / "examples" / "gpu-pool.yaml"
+    deployment = one(operator_render(pool_file), "Deployment")
+    sidecar = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert sidecar["image"] == "ghcr.io/inferpool/sidecar-cuda:0.1.0"
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert env["INFERPOOL_PROVIDER"] == "cuda"
+    # CPU pools keep the default image.
+    cpu = one(operator_render(ROOT / "examples" / "cpu-pool.yaml"), "Deployment")
+    assert cpu["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/inferpool/sidecar:0.1.0"
+    # Without a CUDA image the pool is refused with the reason, not run on the CPU image.
+    out = operator_render(pool_file, {"sidecar": {"gpuImage": {"repository": ""}}}, check=False)
+    assert out.returncode != 0
+    assert "no CUDA sidecar image" in out.stderr and "sidecar.gpuImage" in out.stderr, out.stderr
+
+
+def test_the_admin_key_is_generated_once_kept_and_mounted_or_brought_by_the_user():
+    objects = render({})
+    secret = one(objects, "Secret", "inferpool-admin-key")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(secret["data"]["key"]) >= 32
+    pod = one(objects, "Deployment", "inferpool")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "admin-key")
+    assert volume["secret"]["secretName"] == "inferpool-admin-key"
+    container = operator_container(objects)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "admin-key")
+    assert f"--admin-key-file={mount['mountPath']}/key" in container["args"]
+    assert mount["readOnly"] is True
+    brought = render({"adminKey": {"existingSecret": "my-key"}})
+    assert not find(brought, "Secret", "inferpool-admin-key")
+    pod = one(brought, "Deployment", "inferpool")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "admin-key")["secret"]["secretName"] == "my-key"

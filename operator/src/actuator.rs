@@ -4,46 +4,46 @@
 //! the decision's Events. It is the only part of the operator that deletes pods or calls a
 //! replica's admin port.
 //!
-//! Pushes need the pool's admin token, read once per pool from the Secret the reconciler created
-//! and kept in memory; a push that fails is retried by the next decision that finds the replica
-//! still behind.
+//! Pushes carry the pool's admin token, derived from the operator's admin key like the one in the
+//! Secret the reconciler created (the operator never reads Secrets); a push that fails is retried
+//! by the next decision that finds the replica still behind. A replica that refuses the token
+//! (401) holds one this key did not make; the Warning Event says how to recover.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
+use http::StatusCode;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams};
 use kube::runtime::events::{EventType, Recorder};
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::autoscale::decisions::{Actions, PoolRef};
-use crate::build;
+use crate::autoscale::decisions::Actions;
+use crate::build::AdminKey;
 use crate::events::{event, publish};
-use crate::pods::{self, HttpClient};
+use crate::pods::{self, HttpClient, PodError};
 
 /// Pools acted on at the same time.
 const POOLS_AT_ONCE: usize = 32;
 
 /// What the actuator acts with.
 pub struct Actuator {
-    /// Client for the API server (pod deletions, the admin Secret, Events).
+    /// Client for the API server (pod deletions, Events).
     pub client: Client,
     /// HTTP client for the replicas' admin ports.
     pub http: HttpClient,
     /// Publishes the decisions' Events.
     pub recorder: Recorder,
-    /// Admin token per pool, read once, with the uid of the pool it was read for.
-    tokens: Mutex<HashMap<PoolRef, (Option<String>, String)>>,
+    /// What the pools' admin tokens are derived from.
+    admin_key: AdminKey,
 }
 
 impl Actuator {
-    /// An actuator with no tokens read yet.
-    pub fn new(client: Client, http: HttpClient, recorder: Recorder) -> Self {
-        Self { client, http, recorder, tokens: Mutex::new(HashMap::new()) }
+    /// An actuator that authenticates to replicas with tokens derived from `admin_key`.
+    pub fn new(client: Client, http: HttpClient, recorder: Recorder, admin_key: AdminKey) -> Self {
+        Self { client, http, recorder, admin_key }
     }
 
     /// Performs every batch of actions that arrives, until the senders are gone.
@@ -66,18 +66,36 @@ impl Actuator {
     /// Performs one decision's actions.
     pub async fn act(&self, actions: Actions) {
         let namespace = actions.pool.namespace.clone().unwrap_or_default();
+        let regarding = ObjectReference::from(actions.pool.clone());
         if (!actions.push_to.is_empty() || !actions.clear_cache_on.is_empty())
-            && let Some(token) = self.token(&actions.pool, &namespace).await
+            && let Some(uid) = actions.pool.extra.uid.as_deref()
         {
+            let token = self.admin_key.token(&namespace, &actions.pool.name, uid);
+            let mut refused = Vec::new();
             for ip in &actions.push_to {
                 if let Err(error) = pods::push_tuning(&self.http, ip, &token, &actions.tuning).await {
                     tracing::warn!(pod_ip = %ip, %error, "tuning push failed; retried next tick");
+                    if matches!(error, PodError::Status(StatusCode::UNAUTHORIZED, _)) {
+                        refused.push(ip.as_str());
+                    }
                 }
             }
             for ip in &actions.clear_cache_on {
                 if let Err(error) = pods::clear_memory_cache(&self.http, ip, &token).await {
                     tracing::warn!(pod_ip = %ip, %error, "cache clear failed");
                 }
+            }
+            if !refused.is_empty() {
+                let secret = crate::build::names::admin_secret(&actions.pool.name);
+                let note = format!(
+                    "replicas at {} refused the admin token: Secret {secret} holds a token this operator's admin \
+                     key did not make (created by an older version, or the key changed). Delete the Secret and \
+                     restart the pool's pods (kubectl rollout restart deployment/{}); the operator recreates it",
+                    refused.join(", "),
+                    actions.pool.name
+                );
+                let warning = event(EventType::Warning, "AdminTokenRefused", "PushTuning", note, None);
+                publish(&self.recorder, &regarding, warning).await;
             }
         }
         let pod_api: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
@@ -87,29 +105,9 @@ impl Actuator {
                 Err(error) => tracing::warn!(%pod, %error, "could not delete an outlier replica"),
             }
         }
-        let regarding = ObjectReference::from(actions.pool.clone());
         for note in actions.notes {
             let type_ = if note.warning { EventType::Warning } else { EventType::Normal };
             publish(&self.recorder, &regarding, event(type_, note.reason, "Autoscale", note.message, None)).await;
         }
-    }
-
-    /// The pool's admin token, read once from its Secret (again for a new pool of the same name).
-    async fn token(&self, pool: &PoolRef, namespace: &str) -> Option<String> {
-        let uid = pool.extra.uid.clone();
-        if let Some((_, token)) = self.tokens.lock().get(pool).filter(|(read_for, _)| *read_for == uid) {
-            return Some(token.clone());
-        }
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let secret = secrets.get_opt(&build::names::admin_secret(&pool.name)).await.ok().flatten()?;
-        let token = secret.data.as_ref()?.get(build::ADMIN_TOKEN_KEY)?;
-        let token = String::from_utf8_lossy(&token.0).into_owned();
-        self.tokens.lock().insert(pool.clone(), (uid, token.clone()));
-        Some(token)
-    }
-
-    /// Forgets the tokens of pools `keep` says no to.
-    pub fn retain(&self, keep: impl Fn(&PoolRef) -> bool) {
-        self.tokens.lock().retain(|pool, _| keep(pool));
     }
 }

@@ -15,9 +15,6 @@ pub enum Error {
     /// A call to the Kubernetes API failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    /// The operating system gave no randomness for a new admin token.
-    #[error("no OS randomness for the admin token: {0}")]
-    Random(String),
     /// An object could not be turned into JSON.
     #[error("serialising {0}: {1}")]
     Serialize(&'static str, serde_json::Error),
@@ -36,7 +33,6 @@ impl Error {
             Self::MissingMetadata(_) => "missing_metadata",
             Self::Kube(_) => "kube",
             Self::Serialize(..) => "serialize",
-            Self::Random(_) => "random",
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use inferpool_operator::build::Settings;
+use inferpool_operator::build::{AdminKey, Settings};
 use inferpool_operator::controller::{self, Context};
 use inferpool_operator::leader::{self, LeaseSettings};
 use inferpool_operator::metrics::Metrics;
@@ -43,6 +43,9 @@ enum Command {
         /// Sidecar image for a pool that names none.
         #[arg(long, env = "INFERPOOL_OPERATOR_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
         default_image: String,
+        /// Sidecar image with CUDA for a GPU pool that names none.
+        #[arg(long, env = "INFERPOOL_OPERATOR_GPU_IMAGE")]
+        gpu_image: Option<String>,
     },
 }
 
@@ -51,9 +54,13 @@ struct RunArgs {
     /// Only manage pools in this namespace (default: all namespaces).
     #[arg(long, env = "INFERPOOL_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
-    /// Sidecar image for pools that do not name one.
+    /// Sidecar image for CPU pools that do not name one.
     #[arg(long, env = "INFERPOOL_OPERATOR_DEFAULT_IMAGE", default_value = DEFAULT_IMAGE)]
     default_image: String,
+    /// Sidecar image with the CUDA provider (sidecar/Dockerfile.cuda) for GPU pools that do not
+    /// name one. Without it such pools are refused with a Degraded condition.
+    #[arg(long, env = "INFERPOOL_OPERATOR_GPU_IMAGE")]
+    gpu_image: Option<String>,
     /// imagePullPolicy of the sidecar container (default: the cluster's default).
     #[arg(long, env = "INFERPOOL_OPERATOR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
     image_pull_policy: Option<String>,
@@ -78,7 +85,17 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "INFERPOOL_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// File holding the key every pool's admin token is derived from (at least 16 bytes; the Helm
+    /// chart mounts a generated Secret). Keep it stable: a new key makes replicas refuse pushes.
+    #[arg(long, env = "INFERPOOL_OPERATOR_ADMIN_KEY_FILE", required_unless_present = "admin_key")]
+    admin_key_file: Option<std::path::PathBuf>,
+    /// The admin key itself; prefer --admin-key-file.
+    #[arg(long, env = "INFERPOOL_OPERATOR_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
 }
+
+/// Exit status for a configuration error (EX_USAGE), as the sidecar uses.
+const EXIT_CONFIG: u8 = 64;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -89,19 +106,26 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Render { file, default_image } => {
+        Command::Render { file, default_image, gpu_image } => {
             let text = if file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())
             } else {
                 std::fs::read_to_string(&file)
             };
-            let settings = Settings { default_image, image_pull_policy: None };
+            let settings = Settings { default_image, gpu_image, image_pull_policy: None };
             print_or_fail(text.map_err(|e| format!("{}: {e}", file.display())).and_then(|t| {
                 inferpool_operator::render::render(&t, &settings).map_err(|e| format!("{}: {e}", file.display()))
             }))
         }
         Command::Crd => print_or_fail(inferpool_crds::crd_yaml().map_err(|e| e.to_string())),
         Command::Run(args) => {
+            let admin_key = match admin_key(&args) {
+                Ok(key) => key,
+                Err(error) => {
+                    eprintln!("inferpool-operator: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             init_logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(runtime) => runtime,
@@ -110,7 +134,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(*args)) {
+            match runtime.block_on(run(*args, admin_key)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     tracing::error!("{error:#}");
@@ -119,6 +143,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The admin key from --admin-key or --admin-key-file, or why there is none.
+fn admin_key(args: &RunArgs) -> Result<AdminKey, String> {
+    let (material, from) = match (&args.admin_key, &args.admin_key_file) {
+        (Some(key), _) => (key.clone().into_bytes(), "--admin-key".to_owned()),
+        (None, Some(path)) => {
+            let material = std::fs::read(path).map_err(|e| format!("--admin-key-file {}: {e}", path.display()))?;
+            (material, format!("--admin-key-file {}", path.display()))
+        }
+        (None, None) => return Err("--admin-key-file (or INFERPOOL_OPERATOR_ADMIN_KEY) is required".to_owned()),
+    };
+    AdminKey::from_material(&material).map_err(|e| format!("{from}: {e}"))
 }
 
 /// Prints a document and succeeds, or says what went wrong and fails.
@@ -143,7 +180,7 @@ fn init_logging(format: LogFormat) {
     inferpool_serve::init_logging(format, "RUST_LOG", "info,kube_lease_manager=warn");
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(args: RunArgs, admin_key: AdminKey) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let state = Arc::new(State { metrics: metrics.clone(), ready: Default::default() });
     let listener =
@@ -166,9 +203,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some(identity.clone()) };
-    let settings =
-        Settings { default_image: args.default_image.clone(), image_pull_policy: args.image_pull_policy.clone() };
-    let ctx = Arc::new(Context::new(client.clone(), settings, reporter, metrics.clone()));
+    let settings = Settings {
+        default_image: args.default_image.clone(),
+        gpu_image: args.gpu_image.clone(),
+        image_pull_policy: args.image_pull_policy.clone(),
+    };
+    let ctx = Arc::new(Context::new(client.clone(), settings, admin_key, reporter, metrics.clone()));
     let namespace = args.namespace.clone();
     let reconcile = || controller::run(ctx.clone(), namespace.as_deref(), stopped.clone());
     if args.leader_election {

@@ -24,19 +24,19 @@ pub enum RenderError {
 
 /// Renders every child of the pool in `yaml` as multi-document YAML. A pool without a namespace
 /// or uid (as written by a user, not yet stored) gets `default` and a placeholder uid; the admin
-/// token is shown as a placeholder too, since the operator generates it once at apply time.
+/// token is shown as a placeholder too, since the operator derives it from its admin key.
 pub fn render(yaml: &str, settings: &Settings) -> Result<String, RenderError> {
     let mut pool: InferencePool = serde_saphyr::from_str(yaml).map_err(|e| RenderError::Parse(e.to_string()))?;
     pool.metadata.namespace.get_or_insert_with(|| "default".to_owned());
     pool.metadata.uid.get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".to_owned());
-    if let Err(errors) = crate::validate::validate(&pool) {
+    if let Err(errors) = crate::validate::validate(&pool, settings) {
         let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
         return Err(RenderError::Invalid(list.join("; ")));
     }
     let replicas = desired_replicas(&pool, None);
     let children = build::children(&pool, settings, replicas, &desired_tuning(&pool))
         .map_err(|e| RenderError::Build(e.to_string()))?;
-    let secret = build::admin_secret(&pool, "<generated once by the operator>")
+    let secret = build::admin_secret(&pool, "<derived by the operator from its admin key>")
         .map_err(|e| RenderError::Build(e.to_string()))?;
     let documents = [
         to_yaml(&children.deployment)?,
@@ -57,7 +57,7 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        Settings { default_image: "registry.local/sidecar:1".into(), image_pull_policy: None }
+        Settings { default_image: "registry.local/sidecar:1".into(), gpu_image: None, image_pull_policy: None }
     }
 
     #[test]

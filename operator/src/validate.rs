@@ -10,17 +10,32 @@ use std::collections::BTreeSet;
 use inferpool_crds::pool::{InferencePool, PoolTemplate, SpecError};
 use k8s_openapi::api::core::v1::Container;
 
-use crate::build::{RESERVED_MOUNT_PATHS, RESERVED_VOLUMES, SIDECAR_CONTAINER};
+use crate::build::{RESERVED_MOUNT_PATHS, RESERVED_VOLUMES, SIDECAR_CONTAINER, Settings};
 
 /// Longest DNS label (RFC 1035 / RFC 1123).
 const MAX_LABEL_LEN: usize = 63;
 /// The only capability the "restricted" Pod Security profile lets a container add.
 const ALLOWED_CAPABILITY: &str = "NET_BIND_SERVICE";
 
-/// Checks everything that stops `pool` from being built; returns every broken rule, not the first.
-pub fn validate(pool: &InferencePool) -> Result<(), Vec<SpecError>> {
+/// Checks everything that stops `pool` from being built with `settings`; returns every broken
+/// rule, not the first.
+pub fn validate(pool: &InferencePool, settings: &Settings) -> Result<(), Vec<SpecError>> {
     let mut errors = pool.spec.validate().err().unwrap_or_default();
     let mut fail = |field, message| errors.push(SpecError { field, message });
+
+    let gpus = pool.spec.gpu.count;
+    if gpus > 0 && pool.spec.image.is_none() && settings.gpu_image.is_none() {
+        fail(
+            "image",
+            format!(
+                "the pool asks for {gpus} GPU(s) but names no image, and the operator has no CUDA sidecar image \
+                 (operator flag --gpu-image, chart value sidecar.gpuImage); the default image {:?} has no CUDA \
+                 provider and would exit at start. Set spec.image to a CUDA build of the sidecar \
+                 (sidecar/Dockerfile.cuda) or configure the operator's",
+                settings.default_image
+            ),
+        );
+    }
 
     match pool.metadata.name.as_deref() {
         Some(name) if !is_dns_1035_label(name) => fail(
@@ -182,6 +197,31 @@ mod tests {
         pool_named("pool", yaml)
     }
 
+    /// An operator with a CUDA image, as the chart configures it.
+    fn settings() -> Settings {
+        Settings {
+            default_image: "ghcr.io/inferpool/sidecar:1".to_owned(),
+            gpu_image: Some("ghcr.io/inferpool/sidecar-cuda:1".to_owned()),
+            image_pull_policy: None,
+        }
+    }
+
+    #[test]
+    fn a_gpu_pool_without_an_image_needs_the_operators_cuda_image() {
+        let gpu = pool("{gpu: {count: 2}}");
+        let cpu_only = Settings { gpu_image: None, ..settings() };
+        let errors = validate(&gpu, &cpu_only).expect_err("no CUDA image anywhere");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "image");
+        for words in ["2 GPU(s)", "--gpu-image", "sidecar.gpuImage", "\"ghcr.io/inferpool/sidecar:1\""] {
+            assert!(errors[0].message.contains(words), "{words}: {}", errors[0].message);
+        }
+        // Its own image, or the operator's CUDA image, or no GPU: nothing to refuse.
+        assert_eq!(validate(&pool("{gpu: {count: 2}, image: 'my/cuda:1'}"), &cpu_only), Ok(()));
+        assert_eq!(validate(&gpu, &settings()), Ok(()));
+        assert_eq!(validate(&pool("{}"), &cpu_only), Ok(()));
+    }
+
     #[test]
     fn every_fixture_is_valid() {
         for yaml in [
@@ -191,7 +231,7 @@ mod tests {
             POOL,
         ] {
             let pool: InferencePool = serde_saphyr::from_str(yaml).expect("fixture");
-            assert_eq!(validate(&pool), Ok(()), "{:?}", pool.metadata.name);
+            assert_eq!(validate(&pool, &settings()), Ok(()), "{:?}", pool.metadata.name);
         }
     }
 
@@ -280,7 +320,7 @@ mod tests {
             ),
         ];
         for (yaml, field, message) in table {
-            let errors = validate(&pool(yaml)).expect_err(yaml);
+            let errors = validate(&pool(yaml), &settings()).expect_err(yaml);
             assert_eq!(errors.len(), 1, "{yaml}: {errors:?}");
             assert_eq!(errors[0].field, field, "{yaml}");
             assert!(errors[0].message.contains(message), "{yaml}: {}", errors[0].message);
@@ -291,20 +331,20 @@ mod tests {
     fn pool_names_must_name_a_service() {
         let long = "a".repeat(64);
         for name in ["9lives", "Faces", "faces-", "fa.ces", long.as_str()] {
-            let errors = validate(&pool_named(name, "{}")).expect_err(name);
+            let errors = validate(&pool_named(name, "{}"), &settings()).expect_err(name);
             assert_eq!(errors.len(), 1, "{name}: {errors:?}");
             assert_eq!(errors[0].field, "metadata.name", "{name}");
             assert!(errors[0].message.contains("DNS-1035 label"), "{name}");
         }
         for name in ["a", "faces-2", &"a".repeat(63)] {
-            assert_eq!(validate(&pool_named(name, "{}")), Ok(()), "{name}");
+            assert_eq!(validate(&pool_named(name, "{}"), &settings()), Ok(()), "{name}");
         }
     }
 
     #[test]
     fn all_broken_rules_are_reported_together() {
         let yaml = "{replicas: {min: 3, max: 1}, image: '', template: {volumes: [{name: data, emptyDir: {}}]}}";
-        let errors = validate(&pool_named("Bad", yaml)).expect_err("invalid");
+        let errors = validate(&pool_named("Bad", yaml), &settings()).expect_err("invalid");
         let fields: Vec<_> = errors.iter().map(|e| e.field).collect();
         assert_eq!(fields, ["replicas.min", "metadata.name", "image", "template.volumes"]);
     }
@@ -315,7 +355,7 @@ mod tests {
             let yaml = format!(
                 "template: {{volumes: [{{name: m, emptyDir: {{}}}}], volumeMounts: [{{name: m, mountPath: {path}}}]}}"
             );
-            assert_eq!(validate(&pool(&yaml)), Ok(()), "{path}");
+            assert_eq!(validate(&pool(&yaml), &settings()), Ok(()), "{path}");
         }
     }
 }

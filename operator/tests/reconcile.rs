@@ -8,20 +8,25 @@ mod support;
 
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use http::Method;
 use inferpool_operator::controller;
 use serde_json::json;
-use support::{find, reconcile};
+use support::{admin_key, find, reconcile};
 
 #[tokio::test]
 async fn a_new_pool_gets_its_children_applied_and_a_status() {
     let (result, sent) = reconcile(json!({"replicas": {"min": 2}}), vec![]).await;
     assert!(result.is_ok(), "{result:?}");
 
-    // The admin token Secret is created once (POST), never applied.
+    // The admin token Secret is created once (POST), never applied and never read: its token is
+    // derived from the operator's key and the pool.
     let secret = find(&sent, &Method::POST, "/api/v1/namespaces/prod/secrets");
     assert_eq!(secret.body["metadata"]["name"], "shop-admin");
-    assert!(!sent.iter().any(|s| s.method == Method::PATCH && s.path.contains("/secrets/")));
+    let token = admin_key().token("prod", "shop", "0b6f1d6e-1111-2222-3333-444455556666");
+    assert_eq!(secret.body["data"]["token"], BASE64.encode(token));
+    assert!(!sent.iter().any(|s| s.path.contains("/secrets") && s.method != Method::POST), "{sent:#?}");
 
     // Every child is server-side applied by the operator's field manager, with force.
     for path in [
@@ -97,7 +102,9 @@ async fn an_existing_admin_secret_is_never_replaced() {
     let existing = vec![("/api/v1/namespaces/prod/secrets/shop-admin".to_owned(), secret)];
     let (result, sent) = reconcile(json!({}), existing).await;
     assert!(result.is_ok(), "{result:?}");
-    assert!(!sent.iter().any(|s| s.path.contains("/secrets") && s.method != Method::GET), "the Secret was written");
+    // One create, answered 409, and nothing else: no read, no rewrite.
+    let to_secrets: Vec<&Method> = sent.iter().filter(|s| s.path.contains("/secrets")).map(|s| &s.method).collect();
+    assert_eq!(to_secrets, [&Method::POST], "{sent:#?}");
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! What end-to-end tests share: the sidecar binary next to the test binary, and real photos.
+//! What end-to-end tests share: the sidecar binary next to the test binary, real photos, and the
+//! operator's admin key.
 
 use std::path::PathBuf;
 
@@ -28,3 +29,7 @@ pub fn photo(name: &str) -> std::io::Result<Vec<u8>> {
         .ok_or_else(|| missing("scikit-image is not installed in the venv".to_owned()))?;
     std::fs::read(dir.join(name)).map_err(|e| missing(format!("{name}: {e}")))
 }
+
+/// The admin key material of the operators the tests start; every replica of one operator needs
+/// the same key, as the chart's generated Secret gives them.
+pub const OPERATOR_ADMIN_KEY: &str = "inferpool end-to-end tests' operator admin key";

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Method;
 use inferpool_crds::InferencePool;
-use inferpool_operator::build::Settings;
+use inferpool_operator::build::{AdminKey, Settings};
 use inferpool_operator::controller::{self, Context};
 use inferpool_operator::metrics::Metrics;
 use inferpool_operator::server::{self, State};
@@ -148,8 +148,12 @@ impl Operator {
             runtime.block_on(async move {
                 let client = Client::try_from(config).unwrap();
                 let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some("op-0".into()) };
-                let settings = Settings { default_image: "inferpool-sidecar:test".to_owned(), image_pull_policy: None };
-                let ctx = Arc::new(Context::new(client, settings, reporter, task_metrics.clone()));
+                let settings = Settings {
+                    default_image: "inferpool-sidecar:test".to_owned(),
+                    gpu_image: None,
+                    image_pull_policy: None,
+                };
+                let ctx = Arc::new(Context::new(client, settings, admin_key(), reporter, task_metrics.clone()));
                 let state = Arc::new(State { metrics: task_metrics, ready: AtomicBool::new(true) });
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let serve = server::serve(listener, state, controller::stop_signal(stopped.clone()));
@@ -445,4 +449,9 @@ async fn every_dashboard_panel_and_alert_query_works_on_real_series() {
 
     drop(prom);
     operator.stop();
+}
+
+/// The admin key of every operator a test starts (replicas of one operator share it).
+fn admin_key() -> AdminKey {
+    AdminKey::from_material(inferpool_tests::fixtures::OPERATOR_ADMIN_KEY.as_bytes()).unwrap()
 }

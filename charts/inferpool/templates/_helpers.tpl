@@ -52,6 +52,18 @@ app.kubernetes.io/component: model-replica
 {{- printf "%s:%s" .Values.sidecar.image.repository (default .Chart.AppVersion .Values.sidecar.image.tag) -}}
 {{- end -}}
 
+{{/* The CUDA sidecar image, empty when none is configured. */}}
+{{- define "inferpool.gpuSidecarImage" -}}
+{{- with .Values.sidecar.gpuImage.repository -}}
+{{- printf "%s:%s" . (default $.Chart.AppVersion $.Values.sidecar.gpuImage.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the operator's admin key. */}}
+{{- define "inferpool.adminKeySecret" -}}
+{{- default (printf "%s-admin-key" (include "inferpool.fullname" .)) .Values.adminKey.existingSecret -}}
+{{- end -}}
+
 {{/* Namespaces whose pools get the NetworkPolicy, one per line. */}}
 {{- define "inferpool.networkPolicyNamespaces" -}}
 {{- if .Values.networkPolicy.namespaces -}}

@@ -36,7 +36,7 @@ use crate::{Error, Result};
 
 pub use deployment::{RESTART_HASH_ANNOTATION, restart_hash};
 pub use desired::{desired_replicas, desired_tuning};
-pub use secret::{ADMIN_TOKEN_KEY, admin_secret};
+pub use secret::{ADMIN_TOKEN_KEY, AdminKey, MIN_KEY_BYTES, ShortKey, admin_secret};
 pub use tuning::{TUNING_GENERATION_ANNOTATION, initial_tuning};
 
 /// Field manager of every server-side apply the operator makes.
@@ -74,8 +74,11 @@ pub const COMPONENT: &str = "model-replica";
 /// Operator-wide settings the builders need (from the operator's flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    /// Sidecar image for pools that do not name one.
+    /// Sidecar image for CPU pools that do not name one.
     pub default_image: String,
+    /// Sidecar image with the CUDA provider, for GPU pools that do not name one; without it such
+    /// a pool is refused (Degraded), since the CPU image exits at start with `--provider cuda`.
+    pub gpu_image: Option<String>,
     /// `imagePullPolicy` of the sidecar container; the cluster's default when absent.
     pub image_pull_policy: Option<String>,
 }

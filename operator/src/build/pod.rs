@@ -97,9 +97,11 @@ pub(super) fn template(pool: &InferencePool, owner: &Owner, settings: &Settings)
     })
 }
 
-/// The image a pool's sidecar runs.
+/// The image a pool's sidecar runs: its own, else the operator's CUDA image for a GPU pool (which
+/// validation refuses when there is none), else the operator's default.
 pub(super) fn image<'a>(spec: &'a InferencePoolSpec, settings: &'a Settings) -> &'a str {
-    spec.image.as_deref().unwrap_or(&settings.default_image)
+    let gpu_image = settings.gpu_image.as_deref().filter(|_| spec.gpu.count > 0);
+    spec.image.as_deref().or(gpu_image).unwrap_or(&settings.default_image)
 }
 
 /// The sidecar's execution provider: CUDA when the pod gets GPUs (fail loudly rather than run slow).

@@ -19,7 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inferpool_crds::InferencePool;
+use inferpool_crds::pool::InferencePoolStatus;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -50,7 +53,12 @@ struct PoolWrites {
     uid: Option<String>,
     children: HashMap<Cow<'static, str>, Applied>,
     secret_seen: Option<Instant>,
+    /// The status last written, and when.
+    status: Option<(Instant, InferencePoolStatus)>,
 }
+
+/// How long a status write is trusted over a pool object that may predate it.
+const STATUS_FRESH: Duration = Duration::from_secs(10);
 
 /// One child as the operator's last apply left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +112,29 @@ impl Written {
             *writes = PoolWrites { uid: pool.metadata.uid.clone(), ..PoolWrites::default() };
         }
         f(writes)
+    }
+
+    /// Whether `status` is, but for the conditions' transition times, what this operator wrote
+    /// for the pool in the last [`STATUS_FRESH`]. A reconcile that started from a pool object
+    /// older than that write would otherwise write the same status again.
+    pub(super) fn status_just_written(&self, pool: &InferencePool, status: &InferencePoolStatus) -> bool {
+        let timeless = |status: &InferencePoolStatus| {
+            let mut status = status.clone();
+            for condition in &mut status.conditions {
+                condition.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+            }
+            status
+        };
+        self.with(pool, |w| {
+            w.status
+                .as_ref()
+                .is_some_and(|(at, written)| at.elapsed() < STATUS_FRESH && timeless(written) == timeless(status))
+        })
+    }
+
+    /// Remembers a status write.
+    pub(super) fn status_written(&self, pool: &InferencePool, status: InferencePoolStatus) {
+        self.with(pool, |w| w.status = Some((Instant::now(), status)));
     }
 
     /// Forgets the pools `keep` says no to.
@@ -167,37 +198,32 @@ where
     Ok(after)
 }
 
-/// Creates the pool's admin-token Secret when it is missing. It is never rewritten, so the token
-/// never rotates by accident (pods read it at start; the actuator reads it to push tuning). The
-/// operator does not watch Secrets (that would need list and watch on every Secret it can see):
-/// it looks once per pool and again at most every [`SECRET_RECHECK`].
+/// Creates the pool's admin-token Secret when it is missing. The token is derived from the
+/// operator's admin key and the pool (see [`build::AdminKey`]), so the operator never reads the
+/// Secret: a create that finds one already there (409) is taken as done, and the Secret is never
+/// rewritten. The operator does not watch Secrets either (that would need list and watch on every
+/// Secret it can see): it creates once per pool and again at most every [`SECRET_RECHECK`], which
+/// brings back a Secret someone deleted.
 pub async fn ensure_admin_secret(ctx: &Context, pool: &InferencePool, namespace: &str) -> Result<()> {
     let seen = ctx.written.with(pool, |w| w.secret_seen);
     if seen.is_some_and(|at| at.elapsed() < SECRET_RECHECK) {
         return Ok(());
     }
+    let name = pool.name_any();
+    let uid = pool.uid().ok_or(Error::MissingMetadata("uid"))?;
+    let secret = build::admin_secret(pool, &ctx.admin_key.token(namespace, &name, &uid))?;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let name = build::names::admin_secret(&pool.name_any());
-    if secrets.get_opt(&name).await?.is_none() {
-        let secret = build::admin_secret(pool, &new_token()?)?;
-        let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
-        match secrets.create(&params, &secret).await {
-            Ok(created) => {
-                let note = format!("Created Secret {name}");
-                let related = Some(created.object_ref(&()));
-                ctx.publish(pool, event(EventType::Normal, "Created", "Apply", note, related)).await;
-            }
-            // Another reconcile created it first: keep that token.
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(error) => return Err(error.into()),
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
+    match secrets.create(&params, &secret).await {
+        Ok(created) => {
+            let note = format!("Created Secret {}", build::names::admin_secret(&name));
+            let related = Some(created.object_ref(&()));
+            ctx.publish(pool, event(EventType::Normal, "Created", "Apply", note, related)).await;
         }
+        // There already: made by an earlier reconcile (or another operator replica).
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => return Err(error.into()),
     }
     ctx.written.with(pool, |w| w.secret_seen = Some(Instant::now()));
     Ok(())
-}
-
-fn new_token() -> Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| Error::Random(e.to_string()))?;
-    Ok(hex::encode(bytes))
 }

@@ -40,7 +40,7 @@ use tracing::Instrument;
 use crate::actuator::Actuator;
 use crate::autoscale::decisions::{Decisions, PoolRef};
 use crate::autoscale::runner::{self, Autoscaler};
-use crate::build::{MANAGED_BY_LABEL, Settings};
+use crate::build::{AdminKey, MANAGED_BY_LABEL, Settings};
 use crate::error::{Error, Result};
 use crate::events::{self, event};
 use crate::metrics::Metrics;
@@ -60,6 +60,8 @@ pub struct Context {
     pub client: Client,
     /// Operator-wide settings for the children.
     pub settings: Settings,
+    /// What every pool's admin token is derived from.
+    pub admin_key: AdminKey,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
     /// The operator's metrics.
@@ -117,11 +119,18 @@ impl Stores {
 
 impl Context {
     /// A context for a controller that reports Events as `reporter`.
-    pub fn new(client: Client, settings: Settings, reporter: Reporter, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        admin_key: AdminKey,
+        reporter: Reporter,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let recorder = Recorder::new(client.clone(), reporter);
         Self {
             client,
             settings,
+            admin_key,
             recorder,
             metrics,
             http: pods::client(),
@@ -193,8 +202,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, stopped: watch::Rec
         actions,
     };
     let autoscaling = runner::run(Arc::new(scaler), pool_store.clone(), pods, stop_signal(stopped));
-    let actuator = Arc::new(Actuator::new(client.clone(), ctx.http.clone(), ctx.recorder.clone()));
-    let acting = actuator.clone().run(actions_rx);
+    let actuator = Actuator::new(client.clone(), ctx.http.clone(), ctx.recorder.clone(), ctx.admin_key.clone());
+    let acting = Arc::new(actuator).run(actions_rx);
 
     let metrics = ctx.metrics.clone();
     let written = ctx.clone();
@@ -202,7 +211,6 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, stopped: watch::Rec
         metrics.pools.set(i64::try_from(pool_store.len()).unwrap_or(i64::MAX));
         let live = |pool: &PoolRef| pool_store.get(pool).is_some();
         written.written.retain(live);
-        actuator.retain(live);
         match result {
             Ok((pool, _)) => tracing::debug!(pool = %pool.name, namespace = ?pool.namespace, "reconciled"),
             Err(error) => tracing::debug!(%error, "reconcile did not complete"),

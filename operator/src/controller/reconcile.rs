@@ -40,7 +40,7 @@ pub async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Actio
         return Ok(Action::await_change());
     }
     let pools: Api<InferencePool> = Api::namespaced(ctx.client.clone(), &namespace);
-    if let Err(errors) = validate(pool) {
+    if let Err(errors) = validate(pool, &ctx.settings) {
         let error = Error::InvalidSpec(errors);
         report_invalid(pool, &pools, ctx, &error.to_string()).await?;
         return Err(error);
@@ -100,7 +100,7 @@ pub async fn reconcile_pool(pool: &InferencePool, ctx: &Context) -> Result<Actio
     let now = Time(Timestamp::now());
     status::set_conditions(&mut status, wanted, pool.metadata.generation, &now);
     record_pool_metrics(&ctx.metrics, pool, &rollout, &tuning);
-    write_status(pool, &pools, status).await?;
+    write_status(pool, &pools, ctx, status).await?;
 
     Ok(Action::requeue(if rollout.complete() { RESYNC } else { ROLLING }))
 }
@@ -138,12 +138,17 @@ async fn report_invalid(pool: &InferencePool, pools: &Api<InferencePool>, ctx: &
     status.observed_generation = pool.metadata.generation;
     let now = Time(Timestamp::now());
     status::set_conditions(&mut status, status::invalid_spec_conditions(message), pool.metadata.generation, &now);
-    write_status(pool, pools, status).await
+    write_status(pool, pools, ctx, status).await
 }
 
 /// Writes the status when it differs from the stored one (server-side apply, status subresource).
-async fn write_status(pool: &InferencePool, pools: &Api<InferencePool>, status: InferencePoolStatus) -> Result<()> {
-    if pool.status.as_ref() == Some(&status) {
+async fn write_status(
+    pool: &InferencePool,
+    pools: &Api<InferencePool>,
+    ctx: &Context,
+    status: InferencePoolStatus,
+) -> Result<()> {
+    if pool.status.as_ref() == Some(&status) || ctx.written.status_just_written(pool, &status) {
         return Ok(());
     }
     let body = serde_json::json!({
@@ -153,5 +158,6 @@ async fn write_status(pool: &InferencePool, pools: &Api<InferencePool>, status: 
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
     pools.patch_status(&pool.name_any(), &params, &Patch::Apply(&body)).await?;
+    ctx.written.status_written(pool, status);
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use inferpool_crds::InferencePool;
-use inferpool_operator::build::Settings;
+use inferpool_operator::build::{AdminKey, Settings};
 use inferpool_operator::controller::{self, Context};
 use inferpool_operator::metrics::Metrics;
 use kube::Client;
@@ -69,6 +69,13 @@ pub fn mock_cluster(pool: Value, existing: Vec<(String, Value)>) -> (Client, Arc
                     object["status"] = body["status"].clone();
                     (StatusCode::OK, object)
                 }
+                Method::POST
+                    if existing.iter().any(|(p, _)| {
+                        *p == format!("{path}/{}", body["metadata"]["name"].as_str().unwrap_or_default())
+                    }) =>
+                {
+                    (StatusCode::CONFLICT, already_exists(&path))
+                }
                 Method::PATCH | Method::POST => {
                     let mut object = body;
                     object["metadata"]["resourceVersion"] = json!("7");
@@ -94,6 +101,16 @@ pub fn not_found(path: &str) -> Value {
            "message": format!("{path} not found")})
 }
 
+fn already_exists(path: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409,
+           "message": format!("{path}: already exists")})
+}
+
+/// The admin key the tests' operator runs with.
+pub fn admin_key() -> AdminKey {
+    AdminKey::from_material(b"the reconcile tests' admin key").unwrap_or_else(|e| panic!("{e}"))
+}
+
 pub fn pool_json(spec: Value) -> Value {
     json!({
         "apiVersion": "inferpool.dev/v1alpha1",
@@ -107,8 +124,12 @@ pub fn pool_json(spec: Value) -> Value {
 pub fn context(client: Client) -> Arc<Context> {
     let metrics = Arc::new(Metrics::new().unwrap_or_else(|e| panic!("metrics: {e}")));
     let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some("test".into()) };
-    let settings = Settings { default_image: "registry.local/inferpool/sidecar:test".into(), image_pull_policy: None };
-    Arc::new(Context::new(client, settings, reporter, metrics))
+    let settings = Settings {
+        default_image: "registry.local/inferpool/sidecar:test".into(),
+        gpu_image: None,
+        image_pull_policy: None,
+    };
+    Arc::new(Context::new(client, settings, admin_key(), reporter, metrics))
 }
 
 pub async fn reconcile(spec: Value, existing: Vec<(String, Value)>) -> (Result<Action, String>, Vec<Sent>) {

@@ -164,6 +164,7 @@ impl OperatorProcess {
             .args(["run", "--leader-election", "false", "--log-format", "json", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
             .env("KUBECONFIG", kubeconfig)
+            .env("INFERPOOL_OPERATOR_ADMIN_KEY", inferpool_tests::fixtures::OPERATOR_ADMIN_KEY)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

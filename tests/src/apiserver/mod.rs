@@ -17,6 +17,7 @@ pub mod error;
 pub mod fields;
 mod patch;
 pub mod persist;
+pub mod rbac;
 pub mod resources;
 pub mod schema;
 pub mod selector;
@@ -40,6 +41,7 @@ use tokio::net::TcpListener;
 use audit::{Audit, Entry};
 use error::Status;
 use fields::{Scope, Writer};
+use rbac::Rbac;
 use resources::Resource;
 use selector::Selector;
 use store::{Key, Part, Propagation, Store};
@@ -57,17 +59,25 @@ pub struct ApiServer {
     pub store: Arc<Store>,
     /// Every request it was asked.
     pub audit: Arc<Audit>,
+    /// The access control enforced on one client, if any.
+    pub rbac: Option<Arc<Rbac>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ApiServer {
-    /// Starts serving on `listener`.
+    /// Starts serving on `listener`; every client may do everything.
     pub fn start(listener: TcpListener) -> std::io::Result<ApiServer> {
+        Self::start_with(listener, None)
+    }
+
+    /// Starts serving on `listener`, enforcing `rbac` on its client.
+    pub fn start_with(listener: TcpListener, rbac: Option<Rbac>) -> std::io::Result<ApiServer> {
         let addr = listener.local_addr()?;
         let store = Arc::new(Store::default());
         let audit = Arc::new(Audit::default());
-        let task = tokio::spawn(accept(listener, Arc::clone(&store), Arc::clone(&audit)));
-        Ok(ApiServer { addr, store, audit, task })
+        let rbac = rbac.map(Arc::new);
+        let task = tokio::spawn(accept(listener, Arc::clone(&store), Arc::clone(&audit), rbac.clone()));
+        Ok(ApiServer { addr, store, audit, rbac, task })
     }
 
     /// The base URL for a kubeconfig.
@@ -83,12 +93,12 @@ impl Drop for ApiServer {
 }
 
 /// Serves until the [`ApiServer`] is dropped, through the accept loop every inferpool listener uses.
-async fn accept(listener: TcpListener, store: Arc<Store>, audit: Arc<Audit>) {
+async fn accept(listener: TcpListener, store: Arc<Store>, audit: Arc<Audit>, rbac: Option<Arc<Rbac>>) {
     let service = |_peer| {
-        let (store, audit) = (Arc::clone(&store), Arc::clone(&audit));
+        let (store, audit, rbac) = (Arc::clone(&store), Arc::clone(&audit), rbac.clone());
         hyper::service::service_fn(move |req| {
-            let (store, audit) = (Arc::clone(&store), Arc::clone(&audit));
-            async move { Ok::<_, Infallible>(handle(&store, &audit, req).await) }
+            let (store, audit, rbac) = (Arc::clone(&store), Arc::clone(&audit), rbac.clone());
+            async move { Ok::<_, Infallible>(handle(&store, &audit, rbac.as_deref(), req).await) }
         })
     };
     inferpool_serve::serve(listener, service, std::future::pending(), &inferpool_serve::Options::default()).await;
@@ -202,7 +212,7 @@ pub(super) fn field_match(selector: &str, object: &Value) -> bool {
     })
 }
 
-async fn handle(store: &Arc<Store>, audit: &Audit, req: Request<Incoming>) -> Response<Body> {
+async fn handle(store: &Arc<Store>, audit: &Audit, rbac: Option<&Rbac>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let q = req.uri().query().unwrap_or("").to_owned();
@@ -216,6 +226,12 @@ async fn handle(store: &Arc<Store>, audit: &Audit, req: Request<Incoming>) -> Re
         let target = parse_path(&path)?;
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let content_type = header(header::CONTENT_TYPE);
+        if let Some(rbac) = rbac {
+            let creates = method == Method::PATCH
+                && content_type.starts_with("application/apply-patch")
+                && is_absent(store, &target);
+            rbac.check(&agent, &method, &q, &target, creates)?;
+        }
         let body = req.into_body().collect().await.map_err(|e| Status::bad_request(e.to_string()))?.to_bytes();
         if body.len() > MAX_BODY {
             return Err(Status::refused(413, "RequestEntityTooLarge", "request body too large"));
@@ -229,6 +245,13 @@ async fn handle(store: &Arc<Store>, audit: &Audit, req: Request<Incoming>) -> Re
     tracing::info!(%method, path, query = q, code, "api");
     audit.record(Entry { method, path, query: q, code, agent });
     resp
+}
+
+/// Whether the object a path names is absent (so an apply to it creates it).
+fn is_absent(store: &Store, t: &Target) -> bool {
+    let Some(name) = &t.name else { return false };
+    let key = Key { resource: t.resource, namespace: t.namespace.clone().unwrap_or_default(), name: name.clone() };
+    store.get(&key).is_err()
 }
 
 /// The discovery documents: `/version`, `/api`, `/apis`, and each group version's resource list.

@@ -63,7 +63,7 @@ impl Load {
 }
 
 /// A minimal HTTP client for the load (hyper-util, which the workspace already has).
-mod reqwest_like {
+pub mod reqwest_like {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;

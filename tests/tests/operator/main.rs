@@ -3,6 +3,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 mod autoscale;
+mod rbac;
 mod real_cluster;
 mod traffic;
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferpool_crds::InferencePool;
-use inferpool_operator::build::Settings;
+use inferpool_operator::build::{AdminKey, Settings};
 use inferpool_operator::controller::{self, Context};
 use inferpool_operator::leader::{self, LeaseSettings};
 use inferpool_operator::metrics::Metrics;
@@ -40,7 +41,8 @@ struct Cluster {
 
 async fn cluster(mode: Mode) -> Cluster {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = ApiServer::start(listener).unwrap();
+    // The operator holds only what the Helm chart grants it (see rbac.rs).
+    let server = ApiServer::start_with(listener, Some(rbac::operator_rbac())).unwrap();
     let kubelet = Kubelet::start(Arc::clone(&server.store), mode).unwrap();
     let client = Client::try_from(Config::new(server.url().parse().unwrap())).unwrap();
     Cluster { url: server.url(), server, _kubelet: kubelet, client }
@@ -92,8 +94,8 @@ impl Operator {
             runtime.block_on(async move {
                 let client = Client::try_from(controller::identified(config)).unwrap();
                 let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some(identity.clone()) };
-                let settings = Settings { default_image: image, image_pull_policy: None };
-                let ctx = Arc::new(Context::new(client.clone(), settings, reporter, task_metrics.clone()));
+                let settings = Settings { default_image: image, gpu_image: None, image_pull_policy: None };
+                let ctx = Arc::new(Context::new(client.clone(), settings, admin_key(), reporter, task_metrics.clone()));
                 let (_stop, stopped) = watch::channel(false);
                 let run = || controller::run(ctx.clone(), None, stopped.clone());
                 let operate = async {
@@ -292,6 +294,15 @@ async fn invalid_pools_are_refused_or_reported_degraded() {
     pools.patch("crossed", &PatchParams::default(), &Patch::Merge(&fix)).await.unwrap();
     let fixed = wait_for(&pools, "crossed", "Ready", has_condition("Ready", "True")).await;
     assert_eq!(condition(&fixed, "Degraded").unwrap(), ("False".to_owned(), "AsExpected".to_owned()));
+
+    // A GPU pool without an image, and this operator has no CUDA image: refused with the reason
+    // and the Degraded message naming what is missing, instead of pods that exit at start.
+    pools.create(&PostParams::default(), &pool("gpu-no-image", json!({"gpu": {"count": 1}}))).await.unwrap();
+    let refused = wait_for(&pools, "gpu-no-image", "Degraded", has_condition("Degraded", "True")).await;
+    let message =
+        refused.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Degraded").unwrap().message.clone();
+    assert!(message.contains("no CUDA sidecar image") && message.contains("--gpu-image"), "{message}");
+    assert!(deployments.get_opt("gpu-no-image").await.unwrap().is_none(), "{message}");
 }
 
 #[tokio::test]
@@ -405,4 +416,9 @@ async fn every_decision_is_explained_by_events_on_the_pool() {
     {
         assert!(notes.iter().any(|n| n == &format!("Created {child}")), "no Event for {child}: {notes:?}");
     }
+}
+
+/// The admin key of every operator a test starts (replicas of one operator share it).
+fn admin_key() -> AdminKey {
+    AdminKey::from_material(inferpool_tests::fixtures::OPERATOR_ADMIN_KEY.as_bytes()).unwrap()
 }

@@ -72,17 +72,30 @@ async fn an_unchanged_pool_costs_nothing_and_a_restart_only_its_applies() {
     wait_for(&pools, "idle", "Ready", has_condition("Ready", "True")).await;
 
     // A change that is not the spec (an annotation) makes a reconcile that has nothing to write.
-    let settled = first.reconciles();
-    let mark = audit.mark();
-    let touch = json!({"metadata": {"annotations": {"example.com/touched": "yes"}}});
-    pools.patch("idle", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
-    first.reconciled(settled + 1).await;
-    let sent: Vec<Entry> = by_operator(audit.since(mark)).into_iter().filter(|e| !e.is_watch()).collect();
-    assert!(sent.is_empty(), "an unchanged pool cost requests: {:#?}", show(&sent));
+    // A pool that just became Ready may still have reconciles queued from the watch events of its
+    // rollout (each started from what the caches held then); they finish within the first
+    // touches. From then on every touch costs nothing: two in a row must, within five touches.
+    let mut quiet = 0;
+    let mut costs = Vec::new();
+    for n in 0..5 {
+        let settled = first.reconciles();
+        let mark = audit.mark();
+        let touch = json!({"metadata": {"annotations": {"example.com/touched": n.to_string()}}});
+        pools.patch("idle", &PatchParams::default(), &Patch::Merge(&touch)).await.unwrap();
+        first.reconciled(settled + 1).await;
+        let sent: Vec<Entry> = by_operator(audit.since(mark)).into_iter().filter(|e| !e.is_watch()).collect();
+        quiet = if sent.is_empty() { quiet + 1 } else { 0 };
+        costs.push(show(&sent));
+        if quiet == 2 {
+            break;
+        }
+    }
+    assert_eq!(quiet, 2, "an unchanged pool kept costing requests, per touch: {costs:#?}");
     drop(first);
 
     // A restarted operator knows nothing of its earlier writes: it applies each child once (no
-    // change results) and looks at the admin Secret once, and reads nothing else.
+    // change results), creates the admin Secret once more (answered 409: it is there; the token
+    // is derived, so nothing is read back), and reads nothing.
     let mark = audit.mark();
     let second = Operator::start(&cluster.url, "op-1", None);
     second.reconciled(1).await;
@@ -91,7 +104,7 @@ async fn an_unchanged_pool_costs_nothing_and_a_restart_only_its_applies() {
     let patches = sent.iter().filter(|e| e.method == http::Method::PATCH).count();
     let read =
         |path_end: &str| sent.iter().filter(|e| e.method == http::Method::GET && e.path.ends_with(path_end)).count();
-    let secret_reads = read("/secrets/idle-admin");
+    let secret_creates = sent.iter().filter(|e| e.method == http::Method::POST && e.path.ends_with("/secrets")).count();
     eprintln!("a restarted operator's first reconcile of an unchanged pool: {shown:#?}");
     for cached in [
         "/deployments/idle",
@@ -102,5 +115,6 @@ async fn an_unchanged_pool_costs_nothing_and_a_restart_only_its_applies() {
     ] {
         assert_eq!(read(cached), 0, "{cached} was read although a cache holds it: {shown:#?}");
     }
-    assert_eq!((patches, secret_reads), (4, 1), "{shown:#?}");
+    assert_eq!(read("/secrets/idle-admin"), 0, "the admin Secret was read: {shown:#?}");
+    assert_eq!((patches, secret_creates), (4, 1), "{shown:#?}");
 }

@@ -27,7 +27,7 @@ fn pool(name: &str) -> InferencePool {
 }
 
 fn settings() -> Settings {
-    Settings { default_image: "ghcr.io/inferpool/sidecar:0.1.0".to_owned(), image_pull_policy: None }
+    Settings { default_image: "ghcr.io/inferpool/sidecar:0.1.0".to_owned(), gpu_image: None, image_pull_policy: None }
 }
 
 fn build(pool: &InferencePool) -> Children {

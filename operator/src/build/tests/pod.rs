@@ -321,6 +321,20 @@ fn image_pull_policy_comes_from_the_settings() {
 }
 
 #[test]
+fn gpu_pools_get_the_cuda_image_unless_they_name_their_own() {
+    let settings = Settings { gpu_image: Some("ghcr.io/inferpool/sidecar-cuda:0.1.0".to_owned()), ..settings() };
+    let image = |pool: &InferencePool| {
+        let children = children(pool, &settings, 1, &initial_tuning(&pool.spec)).expect("children");
+        sidecar(&children).image.clone().expect("image")
+    };
+    let mut gpu = pool("gpu");
+    assert_eq!(image(&gpu), "registry.example/inferpool/sidecar:1.2.0-cuda", "its own image wins");
+    gpu.spec.image = None;
+    assert_eq!(image(&gpu), "ghcr.io/inferpool/sidecar-cuda:0.1.0");
+    assert_eq!(image(&pool("cpu")), settings.default_image, "CPU pools keep the default image");
+}
+
+#[test]
 fn an_unreadable_template_volume_is_an_invalid_spec() {
     let mut pool = pool("template");
     pool.spec.template.as_mut().expect("template").volumes = vec![json!({"name": "v", "emptyDir": 3})];
