@@ -31,6 +31,9 @@ pub const SCAN: &str = "/api/v1/scan";
 pub const PROFILES_PREFIX: &str = "/api/v1/profiles/";
 /// The SLA report ([`crate::SlaReport`]) the operator reads, on the API port.
 pub const SLA_REPORT: &str = "/api/v1/metrics/sla";
+/// Each component's health (model, caches, Redis, memory) with an overall status, on the API
+/// port: 200 while healthy or degraded, 503 while unhealthy.
+pub const HEALTH: &str = "/api/v1/health";
 /// The performance report, on the API port.
 pub const PERFORMANCE_REPORT: &str = "/api/v1/metrics/performance";
 /// The AI-inference report, on the API port.

@@ -105,6 +105,7 @@ impl App {
         let card = LoadedCard::load(&config.model)?;
         let metrics = Arc::new(Metrics::new()?);
         metrics.memory_limit.set(config.memory_limit.map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX)));
+        metrics.cpu_limit.set(crate::cache::pressure::cpu_limit_cores());
         let fingerprint = fingerprint(&card);
         let profiles = Arc::new(ProfileStore::open(&config.data_dir, &fingerprint, card.card.output.dim)?);
         let preprocessor = Arc::new(
@@ -191,6 +192,11 @@ impl App {
     /// Provider and variant, once loaded.
     pub fn loaded(&self) -> Option<Loaded> {
         self.loaded.get().copied()
+    }
+
+    /// Where the sidecar is in its life.
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
     }
 
     /// Whether requests should be sent here.

@@ -125,6 +125,9 @@ pub struct Metrics {
     pub resident_memory: IntGauge,
     /// The memory limit in force (configured or the cgroup's), 0 when there is none.
     pub memory_limit: IntGauge,
+    /// CPU cores this process may use (the cgroup's quota, else the machine's), for CPU alerts
+    /// over `process_cpu_seconds_total`.
+    pub cpu_limit: prometheus::Gauge,
     /// Trailing windows for the SLA report.
     pub windows: Windows,
 }
@@ -245,6 +248,10 @@ impl Metrics {
             "inferpool_memory_limit_bytes",
             "Memory limit in force (configured, else the cgroup's); 0 when there is none.",
         )?;
+        let cpu_limit = prometheus::Gauge::new(
+            "inferpool_cpu_limit_cores",
+            "CPU cores the sidecar may use: the cgroup's quota, else the machine's cores.",
+        )?;
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -271,6 +278,7 @@ impl Metrics {
             Box::new(images.clone()),
             Box::new(resident_memory.clone()),
             Box::new(memory_limit.clone()),
+            Box::new(cpu_limit.clone()),
         ] {
             registry.register(c)?;
         }
@@ -307,6 +315,7 @@ impl Metrics {
             images,
             resident_memory,
             memory_limit,
+            cpu_limit,
             windows: Windows::default(),
         })
     }

@@ -72,6 +72,22 @@ pub fn cgroup_limit() -> Option<u64> {
         .filter(|&b| b < 1 << 60)
 }
 
+/// The CPU cores this process may use: the cgroup's quota (v2 `cpu.max`, then v1's
+/// `cfs_quota_us`/`cfs_period_us`), else the cores the scheduler gives it.
+pub fn cpu_limit_cores() -> f64 {
+    let read = |p: &str| std::fs::read_to_string(Path::new(p)).ok();
+    let quota = |q: &str, period: &str| -> Option<f64> {
+        let (q, period) = (q.trim().parse::<f64>().ok()?, period.trim().parse::<f64>().ok()?);
+        (q > 0.0 && period > 0.0).then_some(q / period)
+    };
+    let v2 = read("/sys/fs/cgroup/cpu.max").and_then(|s| {
+        let (q, period) = s.split_once(' ')?;
+        quota(q, period)
+    });
+    let v1 = || quota(&read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")?, &read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")?);
+    v2.or_else(v1).unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64)
+}
+
 /// Checks resident memory every [`INTERVAL`] and acts on L1; runs until the runtime stops.
 pub fn spawn(cache: Arc<Cache>, threshold: u64, rss: fn() -> u64) -> tokio::task::JoinHandle<()> {
     let metrics = Arc::clone(cache.metrics());

@@ -255,6 +255,11 @@ impl Cache {
         &self.metrics
     }
 
+    /// The disk tier's entries, bytes and budget, when it is on.
+    pub fn disk_stats(&self) -> Option<(u64, u64, u64)> {
+        self.disk.as_ref().map(|d| (d.entries(), d.bytes(), d.budget()))
+    }
+
     /// The Redis tier, when configured.
     pub fn redis(&self) -> Option<&Arc<RedisTier>> {
         self.redis.as_ref()

@@ -36,7 +36,7 @@ pub fn route_of(path: &str) -> Route {
         wire::EMBED => Route::Embed,
         wire::MATCH => Route::Match,
         wire::SCAN => Route::Scan,
-        wire::HEALTHZ | wire::READYZ => Route::Probes,
+        wire::HEALTHZ | wire::READYZ | wire::HEALTH => Route::Probes,
         wire::METRICS => Route::Metrics,
         wire::SLA_REPORT | wire::PERFORMANCE_REPORT | wire::AI_INFERENCE_REPORT => Route::Reports,
         _ => Route::Unknown,
@@ -71,6 +71,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
         wire::SCAN => scan(app, req).await,
         wire::HEALTHZ => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
         wire::READYZ => readiness(app),
+        wire::HEALTH => Ok(health(app)),
         wire::METRICS => Ok(metrics_text(app)),
         wire::SLA_REPORT => Ok(json(StatusCode::OK, &report::sla(app))),
         wire::PERFORMANCE_REPORT => Ok(json(StatusCode::OK, &report::performance(app))),
@@ -82,6 +83,13 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
 /// 200 once the model is loaded and warmed, 503 before and while draining.
 pub fn readiness(app: &App) -> Result<Resp, ApiError> {
     if app.is_ready() { Ok(json(StatusCode::OK, &json!({"status": "ready"}))) } else { Err(ApiError::NotReady) }
+}
+
+/// The health report: 503 while the sidecar should get no requests, 200 otherwise.
+fn health(app: &App) -> Resp {
+    let (overall, body) = report::health(app);
+    let status = if overall == report::Health::Unhealthy { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    json(status, &body)
 }
 
 /// Prometheus text exposition.

@@ -17,6 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use inferpool_sidecar::config::Config;
 use inferpool_sidecar::{App, Args};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -72,6 +73,26 @@ pub fn decode(bytes: &[u8]) -> image::DynamicImage {
 }
 
 /// A sidecar running in this process on free ports.
+/// The configuration [`Server::start`] runs with: the default model, `data_dir`, the test admin
+/// token, loopback listeners, plus `flags`.
+pub fn config(data_dir: &Path, flags: &[&str]) -> Config {
+    let card = card();
+    let base = [
+        "inferpool-sidecar",
+        "--model",
+        card.to_str().unwrap(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--admin-token",
+        TOKEN,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    Args::try_parse_from(base.iter().chain(flags.iter())).unwrap().into_config().unwrap()
+}
+
 pub struct Server {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -94,22 +115,7 @@ impl Server {
 
     /// Like [`Server::start`] with a given data directory (to test restarts).
     pub async fn start_in(data_dir: &Path, flags: &[&str]) -> Server {
-        let card = card();
-        let base = [
-            "inferpool-sidecar",
-            "--model",
-            card.to_str().unwrap(),
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--admin-token",
-            TOKEN,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ];
-        let args = Args::try_parse_from(base.iter().chain(flags.iter())).unwrap();
-        let config = args.into_config().unwrap();
+        let config = config(data_dir, flags);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
