@@ -39,7 +39,8 @@ pub enum Phase {
     Ready,
     /// The model failed to load; the server is stopping.
     Failed,
-    /// Shutting down: finishing in-flight work, refusing new work.
+    /// Shutting down: not ready (so endpoints drop the replica), still serving the requests that
+    /// reach it through the drain delay and on open connections until the listeners close.
     Draining,
 }
 
@@ -174,9 +175,14 @@ impl App {
         Ok(loaded)
     }
 
-    /// The request pipeline, once the model is ready (None while loading and draining).
+    /// The request pipeline, once the model is ready and while draining (None while loading).
     pub fn pipeline(&self) -> Option<&Pipeline> {
-        self.pipeline.get().filter(|_| self.is_ready())
+        self.pipeline.get().filter(|_| self.serves())
+    }
+
+    /// Whether requests that arrive are served: ready, or draining (not ready, still serving).
+    pub fn serves(&self) -> bool {
+        matches!(self.phase(), Phase::Ready | Phase::Draining)
     }
 
     /// The batcher, once the model is ready.

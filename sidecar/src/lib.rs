@@ -86,9 +86,13 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let mut loader = std::pin::pin!(loader);
     let mut load_result = None;
+    let mut signalled = false;
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => {
+                signalled = true;
+                break;
+            }
             _ = &mut serving => break,
             loaded = &mut loader, if load_result.is_none() => {
                 match loaded.map_err(|e| StartError::Task(e.to_string())).and_then(|r| r) {
@@ -104,8 +108,18 @@ pub async fn serve(
             }
         }
     }
-    tracing::info!("shutting down: not ready, draining connections and queued work");
     app.set_draining();
+    let delay = app.config.drain_delay;
+    if signalled && !delay.is_zero() {
+        // Readiness is false from now on; endpoints take a moment to drop this replica, and until
+        // they do, new requests keep arriving and are served (each with `Connection: close`).
+        tracing::info!(seconds = delay.as_secs(), "shutting down: not ready, still serving while endpoints update");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = &mut serving => {}
+        }
+    }
+    tracing::info!("shutting down: closing the listeners, draining connections and queued work");
     let _ = stop_tx.send(true);
     serving.as_mut().await;
     drop(serving);

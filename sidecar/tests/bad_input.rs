@@ -75,6 +75,10 @@ async fn bad_input_gets_a_specific_error_and_the_server_stays_healthy() {
     let s = Server::start(&["--max-body-bytes", "1048576"]).await;
     let chelsea = photo("chelsea.png");
     let jpeg_photo = jpeg(&decode(&chelsea), 90);
+    // A 640x400 photo whose frame header was rewritten to claim 6000x6000.
+    let mut lying = jpeg(&decode(&chelsea).resize_exact(640, 400, image::imageops::FilterType::Triangle), 90);
+    let sof = lying.windows(2).position(|w| w == [0xFF, 0xC0]).expect("a baseline frame header");
+    lying[sof + 5..sof + 9].copy_from_slice(&[0x17, 0x70, 0x17, 0x70]);
     let put = put_json(&s.url("/api/v1/profiles/known"), &profile_body(&[("a", &chelsea)])).await;
     assert_eq!(put.status, StatusCode::CREATED);
     use Method as M;
@@ -90,6 +94,14 @@ async fn bad_input_gets_a_specific_error_and_the_server_stays_healthy() {
             M::POST,
             embed,
             jpeg_photo[..jpeg_photo.len() / 2].to_vec(),
+            S::UNPROCESSABLE_ENTITY,
+            "corrupt_image",
+        ),
+        case(
+            "header claims 6000x6000 over 640x400 of data",
+            M::POST,
+            embed,
+            lying,
             S::UNPROCESSABLE_ENTITY,
             "corrupt_image",
         ),

@@ -187,6 +187,26 @@ async fn sigterm_finishes_queued_work_then_exits_0_and_profiles_survive() {
 }
 
 #[tokio::test]
+async fn after_sigterm_it_serves_not_ready_through_the_drain_delay_then_closes_its_listeners() {
+    let mut p = Proc::spawn(&[("INFERPOOL_DRAIN_DELAY_SECONDS", "2")]);
+    let base = p.ready().await;
+    let chelsea = photo("chelsea.png");
+    p.signal("-TERM");
+    p.wait_log("shutting down: not ready, still serving").await;
+    // Endpoints have not caught up yet: new connections still get answers, marked not to be reused.
+    assert_eq!(get(&format!("{base}/readyz")).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let served = post_image(&format!("{base}/api/v1/embed"), &chelsea).await;
+    assert_eq!(served.status, StatusCode::OK, "{}", served.text());
+    assert_eq!(served.headers["connection"], "close");
+    // Then the listeners close and the process exits cleanly.
+    p.wait_log("shutting down: closing the listeners").await;
+    let status = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let addr = base.trim_start_matches("http://");
+    assert!(std::net::TcpStream::connect(addr).is_err(), "still accepting on {addr}");
+}
+
+#[tokio::test]
 async fn a_model_that_fails_its_checksum_stops_the_sidecar_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut card: Value = serde_json::from_slice(&std::fs::read(card()).unwrap()).unwrap();

@@ -34,10 +34,15 @@ pub(super) const TMP_VOLUME: &str = "tmp";
 
 /// User and group the pod runs as (the conventional distroless `nonroot`).
 const NON_ROOT_ID: i64 = 65532;
-/// Seconds the sidecar drains queued work after SIGTERM (its default, set explicitly).
+/// Seconds the sidecar keeps serving after SIGTERM, not ready, while endpoints drop the pod: kube-
+/// proxy and ingress controllers take a second or a few to stop sending new connections to it.
+const DRAIN_DELAY_SECONDS: i64 = 5;
+/// Seconds the sidecar then drains in-flight and queued work (its default, set explicitly).
 const SHUTDOWN_GRACE_SECONDS: i64 = 20;
-/// Seconds Kubernetes waits before SIGKILL: above the drain, so a drain is never cut short.
-pub(super) const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// Seconds for the process to flush its cache writes and exit after the drain.
+const EXIT_MARGIN_SECONDS: i64 = 5;
+/// Seconds Kubernetes waits before SIGKILL: the whole shutdown, so it is never cut short.
+pub(super) const TERMINATION_GRACE_SECONDS: i64 = DRAIN_DELAY_SECONDS + SHUTDOWN_GRACE_SECONDS + EXIT_MARGIN_SECONDS;
 
 /// The pod template of a pool's replicas.
 pub(super) fn template(pool: &InferencePool, owner: &Owner, settings: &Settings) -> Result<PodTemplateSpec> {
@@ -166,6 +171,7 @@ fn env(spec: &InferencePoolSpec, owner: &Owner) -> Vec<EnvVar> {
         value("INFERPOOL_DISK_MB", spec.cache.disk_mb.to_string()),
         value("INFERPOOL_MEMORY_LIMIT_MB", spec.sla.memory_limit_mb.to_string()),
         value("INFERPOOL_LOG_FORMAT", "json".to_owned()),
+        value("INFERPOOL_DRAIN_DELAY_SECONDS", DRAIN_DELAY_SECONDS.to_string()),
         value("INFERPOOL_SHUTDOWN_GRACE_SECONDS", SHUTDOWN_GRACE_SECONDS.to_string()),
         secret(
             "INFERPOOL_ADMIN_TOKEN",

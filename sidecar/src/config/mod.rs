@@ -86,6 +86,10 @@ pub struct Args {
     /// Seconds to finish queued work after SIGTERM before exiting.
     #[arg(long, env = "INFERPOOL_SHUTDOWN_GRACE_SECONDS", default_value = "20")]
     pub shutdown_grace_seconds: String,
+    /// Seconds to keep serving after SIGTERM with readiness already false, so load balancers and
+    /// Service proxies stop sending new requests before the listeners close (the operator sets 5).
+    #[arg(long, env = "INFERPOOL_DRAIN_DELAY_SECONDS", default_value = "0")]
+    pub drain_delay_seconds: String,
     /// The ONNX Runtime shared library. Default: found next to the binary, under the repository's
     /// .cache/onnxruntime (after `make setup`), or on the system library path.
     #[arg(long, env = "INFERPOOL_ORT_LIBRARY")]
@@ -197,6 +201,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
+    /// How long to keep serving, not ready, after the shutdown signal before closing listeners.
+    pub drain_delay: Duration,
     /// ONNX Runtime library path, if given.
     pub ort_library: Option<PathBuf>,
     /// Log format.
@@ -301,6 +307,7 @@ impl Args {
         let max_pixels = c.range("max-pixels", &self.max_pixels, 1u64, 1 << 34);
         let shutdown_grace =
             Duration::from_secs(c.range("shutdown-grace-seconds", &self.shutdown_grace_seconds, 0u64, 3600));
+        let drain_delay = Duration::from_secs(c.range("drain-delay-seconds", &self.drain_delay_seconds, 0u64, 3600));
         let admin_token = c.secret("admin-token-file", self.admin_token, self.admin_token_file.as_deref());
         if admin_token.as_deref().is_some_and(str::is_empty) {
             c.0.push("the admin token is empty".to_owned());
@@ -375,6 +382,7 @@ impl Args {
             max_pixels,
             admin_token,
             shutdown_grace,
+            drain_delay,
             ort_library: self.ort_library,
             log_format,
             cache,

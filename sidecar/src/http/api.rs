@@ -168,7 +168,7 @@ async fn embed_image(app: &App, bytes: Bytes, opts: &RequestOptions) -> Result<O
 /// Checks headers, reads the image body and embeds it.
 async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Outcome, Instant), ApiError> {
     let started = Instant::now();
-    if !app.is_ready() {
+    if !app.serves() {
         return Err(ApiError::NotReady);
     }
     let image = "an image (Content-Type: image/jpeg, image/png, ...)";

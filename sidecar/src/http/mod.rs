@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 pub use error::ApiError;
 
-use crate::app::App;
+use crate::app::{App, Phase};
 use crate::metrics::Route;
 
 /// Response type of every handler.
@@ -112,6 +112,10 @@ async fn handle(app: Arc<App>, which: Listener, req: Request<Incoming>) -> Resul
     );
     let mut resp = answer(&app, which, req, started).instrument(span).await;
     resp.headers_mut().insert(request_id::HEADER, id);
+    if app.phase() == Phase::Draining {
+        // Shutting down: the client must not reuse this connection for its next request.
+        resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(resp)
 }
 

@@ -99,32 +99,121 @@ fn decode_with_turbojpeg(bytes: &[u8], scale: ScalingFactor) -> turbojpeg::Resul
     Ok(Some((width, height, pixels)))
 }
 
-/// Refuses a JPEG whose marker stream stops before the end-of-image marker (0xFFD9).
+/// Refuses a JPEG that cannot hold the picture its header declares: one whose marker stream stops
+/// before the end-of-image marker (0xFFD9), or whose image data is too short for the declared size.
 ///
-/// JPEG decoders pad a truncated entropy-coded segment and return an image whose lower part is
-/// grey, without an error. A half-uploaded photo would then be embedded and matched as if it were
-/// whole, so truncation is detected here. The segments are walked rather than the last two bytes
-/// checked: phones append data after the EOI (motion photos, maker trailers) and an EXIF thumbnail
-/// holds an EOI of its own, so neither "ends with" nor "contains" FFD9 answers the question.
+/// JPEG decoders pad missing entropy-coded data and return an image whose lower part is grey,
+/// without an error. A half-uploaded photo, or one whose frame header was rewritten to a larger
+/// size, would then be embedded and matched as if it were whole, so both are detected here:
+/// - Truncation: the segments are walked rather than the last two bytes checked, since phones
+///   append data after the EOI (motion photos, maker trailers) and an EXIF thumbnail holds an EOI
+///   of its own, so neither "ends with" nor "contains" FFD9 answers the question.
+/// - Too little data: with Huffman coding every 8x8 block costs at least one code for its DC
+///   difference and, in a sequential JPEG, one for its end-of-block, each at least one bit. So a
+///   sequential JPEG holds at least 2 bits of image data per block, a progressive one at least 1.
+///   Arithmetic-coded and lossless JPEGs have no such floor and are not checked.
 pub fn check_complete(bytes: &[u8]) -> Result<(), PreprocessError> {
+    let walk = walk(bytes);
+    if !walk.ended {
+        return Err(PreprocessError::Corrupt("JPEG is truncated (no end-of-image marker)".to_owned()));
+    }
+    if let Some(frame) = walk.frame
+        && let Some(bits) = frame.min_bits_per_block
+    {
+        let needed = frame.blocks.saturating_mul(bits) / 8;
+        if walk.data_bytes < needed {
+            return Err(PreprocessError::Corrupt(format!(
+                "JPEG holds {} bytes of image data, fewer than the {}x{} its header declares needs (at least \
+                 {needed}): the header's size does not match the data",
+                walk.data_bytes, frame.width, frame.height
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a walk over a JPEG's segments found.
+struct Walk {
+    /// Whether the end-of-image marker came.
+    ended: bool,
+    /// The frame header (first SOF), if any.
+    frame: Option<Frame>,
+    /// Bytes of entropy-coded data (a stuffed `FF 00` counts as one).
+    data_bytes: u64,
+}
+
+/// What a frame header declares.
+struct Frame {
+    width: u32,
+    height: u32,
+    /// 8x8 blocks over all components, before padding to whole MCUs.
+    blocks: u64,
+    /// The least image data per block the frame's coding allows; None when it has no floor.
+    min_bits_per_block: Option<u64>,
+}
+
+fn walk(bytes: &[u8]) -> Walk {
+    let mut walk = Walk { ended: false, frame: None, data_bytes: 0 };
     let mut i = 2; // past SOI
     while i + 1 < bytes.len() {
         if bytes[i] != 0xFF {
             // Entropy-coded data, or stray bytes between segments (which decoders skip too).
+            walk.data_bytes += 1;
             i += 1;
             continue;
         }
         match bytes[i + 1] {
-            0xD9 => return Ok(()),
-            0xFF => i += 1,                      // fill byte before a marker
-            0x00 | 0x01 | 0xD0..=0xD8 => i += 2, // stuffed 0xFF in scan data, or a marker without a length
-            _ => {
+            0xD9 => {
+                walk.ended = true;
+                return walk;
+            }
+            0xFF => i += 1, // fill byte before a marker
+            0x00 => {
+                walk.data_bytes += 1; // a stuffed 0xFF in scan data
+                i += 2;
+            }
+            0x01 | 0xD0..=0xD8 => i += 2, // markers without a length (TEM, RSTn, SOI)
+            marker => {
                 let len = bytes.get(i + 2..i + 4).map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+                if walk.frame.is_none() && is_sof(marker) {
+                    walk.frame = bytes.get(i + 4..i + 2 + len).and_then(|body| frame(marker, body));
+                }
                 i += 2 + len.max(2);
             }
         }
     }
-    Err(PreprocessError::Corrupt("JPEG is truncated (no end-of-image marker)".to_owned()))
+    walk
+}
+
+/// SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
+fn is_sof(marker: u8) -> bool {
+    matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC)
+}
+
+/// Parses a frame header body: precision, height, width, then (id, sampling, table) per component.
+fn frame(marker: u8, body: &[u8]) -> Option<Frame> {
+    let height = u32::from(u16::from_be_bytes([*body.get(1)?, *body.get(2)?]));
+    let width = u32::from(u16::from_be_bytes([*body.get(3)?, *body.get(4)?]));
+    let count = usize::from(*body.get(5)?);
+    let sampling: Vec<(u64, u64)> = (0..count)
+        .map(|c| body.get(6 + 3 * c + 1).map(|s| (u64::from(s >> 4), u64::from(s & 0x0F))))
+        .collect::<Option<_>>()?;
+    let h_max = sampling.iter().map(|s| s.0).max()?.max(1);
+    let v_max = sampling.iter().map(|s| s.1).max()?.max(1);
+    let blocks = sampling
+        .iter()
+        .map(|&(h, v)| {
+            let w = (u64::from(width) * h).div_ceil(h_max);
+            let ht = (u64::from(height) * v).div_ceil(v_max);
+            w.div_ceil(8) * ht.div_ceil(8)
+        })
+        .sum();
+    let min_bits_per_block = match marker {
+        0xC0 | 0xC1 => Some(2), // sequential, Huffman
+        0xC2 => Some(1),        // progressive, Huffman
+        _ => None,              // lossless, hierarchical or arithmetic-coded
+    };
+    Some(Frame { width, height, blocks, min_bits_per_block })
 }
 
 #[cfg(test)]

@@ -212,6 +212,46 @@ fn a_truncated_jpeg_is_corrupt() {
     }
 }
 
+/// `jpeg` with its frame header claiming `width` x `height`.
+fn with_declared_size(mut jpeg: Vec<u8>, width: u16, height: u16) -> Vec<u8> {
+    let sof = jpeg.windows(2).position(|w| w[0] == 0xFF && matches!(w[1], 0xC0 | 0xC2)).expect("a frame header");
+    jpeg[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    jpeg
+}
+
+#[test]
+fn a_jpeg_whose_header_claims_more_than_its_data_holds_is_corrupt() {
+    let rgb: Vec<u8> = gradient(640, 400).into_raw();
+    for kind in [JpegKind::Baseline, JpegKind::Progressive] {
+        let honest = turbo_jpeg(640, 400, &rgb, turbojpeg::PixelFormat::RGB, kind);
+        let lying = with_declared_size(honest.clone(), 6000, 6000);
+        // The decoder pads the missing data with grey and succeeds: the check is what refuses it.
+        assert!(image::load_from_memory(&lying).is_ok(), "{kind:?}");
+        let pre = Preprocessor::new(spec(224, 224, Layout::Nchw, ColorOrder::Rgb, ResizeMode::Stretch), 1 << 26);
+        for mode in [JpegDecode::Reduced, JpegDecode::Full] {
+            let err = pre.clone().with_jpeg_decode(mode).prepare(&lying).unwrap_err();
+            let PreprocessError::Corrupt(message) = &err else { panic!("{kind:?} {mode:?}: {err:?}") };
+            assert!(message.contains("6000x6000") && message.contains("does not match"), "{message}");
+            assert!(pre.clone().with_jpeg_decode(mode).prepare(&honest).is_ok(), "{kind:?} {mode:?}");
+        }
+    }
+}
+
+#[test]
+fn flat_and_tiny_jpegs_are_not_mistaken_for_lying_ones() {
+    // The flattest pictures compress best: each block still costs its minimum.
+    for (w, h) in [(8, 8), (1, 1), (17, 9), (1024, 768)] {
+        let jpeg = encode(&solid(w, h, [128, 128, 128]), ImageFormat::Jpeg);
+        assert!(identity(2, 2).prepare(&jpeg).is_ok(), "{w}x{h}");
+        let rgb = solid(w, h, [0, 0, 0]).into_raw();
+        for kind in [JpegKind::Baseline, JpegKind::Progressive, JpegKind::Grey] {
+            let jpeg = turbo_jpeg(w as usize, h as usize, &rgb, turbojpeg::PixelFormat::RGB, kind);
+            assert!(identity(2, 2).prepare(&jpeg).is_ok(), "{w}x{h} {kind:?}");
+        }
+    }
+}
+
 #[test]
 fn a_jpeg_with_data_after_its_end_is_accepted() {
     // Motion photos and maker trailers append bytes after the end-of-image marker.

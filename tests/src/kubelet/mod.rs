@@ -87,9 +87,19 @@ impl Kubelet {
         Kubelet::start_with(store, mode, Options::default())
     }
 
-    /// Starts reconciling Deployments in `store` into Pods.
+    /// Starts reconciling Deployments in `store` into Pods. A relative sidecar path is made
+    /// absolute here (pods run in their own directories); a missing one is refused.
     pub fn start_with(store: Arc<Store>, mode: Mode, options: Options) -> std::io::Result<Kubelet> {
-        let root = tempfile::Builder::new().prefix("inferpool-local-").tempdir()?;
+        let mode = match mode {
+            Mode::Process { sidecar } => Mode::Process {
+                sidecar: std::path::absolute(&sidecar)
+                    .and_then(|p| p.canonicalize())
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("sidecar binary {}: {e}", sidecar.display())))?,
+            },
+            fake => fake,
+        };
+        remove_stale_roots(&std::env::temp_dir());
+        let root = tempfile::Builder::new().prefix(&format!("{ROOT_PREFIX}{}-", std::process::id())).tempdir()?;
         tracing::info!(dir = %root.path().display(), "pods' directories; a sidecar logs to NAMESPACE/POD/sidecar.log");
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
@@ -134,6 +144,27 @@ async fn relevant_change(events: &mut broadcast::Receiver<Arc<crate::apiserver::
 
 /// `setpriv` from util-linux, if on the PATH: run through it with `--pdeathsig KILL`, a sidecar
 /// is killed by the kernel when the kubelet dies, even by SIGKILL.
+/// Pods' directories live under `<tmp>/inferpool-local-<pid>-<random>`, removed when the kubelet
+/// stops.
+pub const ROOT_PREFIX: &str = "inferpool-local-";
+
+/// Removes the pods' directories of kubelets whose process is gone (killed with SIGKILL, so it
+/// could not clean up), found by the process id in their names.
+fn remove_stale_roots(tmp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(ROOT_PREFIX)?.split('-').next()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new("/proc").join(pid.to_string()).exists() {
+            tracing::info!(dir = %entry.path().display(), pid, "removing the pods' directory of a kubelet that is gone");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn find_setpriv() -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("setpriv")).find(|p| p.is_file())
 }
@@ -189,20 +220,34 @@ pub(crate) fn is_ready(pod: &Value) -> bool {
     })
 }
 
+/// Loopback addresses tried for one pod before it is reported unschedulable.
+const IP_ATTEMPTS: u32 = 32;
+
 impl State {
-    /// The next loopback address whose `ports` are free. Addresses are counted process-wide, so
-    /// kubelets in one process (tests) never share one; taken ports skip an address another
-    /// process (another `inferpool-local`) uses.
-    fn ip(&mut self, ports: &[u16]) -> String {
-        loop {
+    /// The next loopback address whose `ports` are free, or why there is none. Addresses are
+    /// counted process-wide, so kubelets in one process (tests) never share one; taken ports skip
+    /// an address another process (another `inferpool-local`) uses. A port bound on 0.0.0.0 is
+    /// taken on every address: after [`IP_ATTEMPTS`] the search stops and says which port.
+    fn ip(&mut self, ports: &[u16]) -> Result<String, String> {
+        let taken = |ip: Ipv4Addr| ports.iter().copied().find(|p| std::net::TcpListener::bind((ip, *p)).is_err());
+        let mut last = None;
+        for _ in 0..IP_ATTEMPTS {
             let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
             let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + n);
-            if !matches!(self.mode, Mode::Process { .. })
-                || ports.iter().all(|p| std::net::TcpListener::bind((ip, *p)).is_ok())
-            {
-                return ip.to_string();
+            if !matches!(self.mode, Mode::Process { .. }) {
+                return Ok(ip.to_string());
+            }
+            match taken(ip) {
+                None => return Ok(ip.to_string()),
+                Some(port) => last = Some((ip, port)),
             }
         }
+        let (ip, port) = last.unwrap_or((Ipv4Addr::LOCALHOST, 0));
+        Err(format!(
+            "0/1 nodes are available: port {port} is taken on the last {IP_ATTEMPTS} loopback addresses tried (up to \
+             {ip}); a process listening on 0.0.0.0:{port} holds it on all of them (the operator's default \
+             --listen 0.0.0.0:8080, for instance): give that process another address"
+        ))
     }
 
     async fn shutdown(&mut self) {
@@ -292,8 +337,20 @@ impl State {
             probes::named_port(&container, "http").unwrap_or(wire::API_PORT),
             probes::named_port(&container, "admin").unwrap_or(wire::ADMIN_PORT),
         ];
-        let ip = self.ip(&ports);
         let key = Key { resource: pods, namespace: ns.to_owned(), name: str_at(&created, "/metadata/name").to_owned() };
+        let ip = match self.ip(&ports) {
+            Ok(ip) => ip,
+            Err(message) => {
+                // As the scheduler reports a pod no node can take: Pending, unscheduled, an Event.
+                tracing::warn!(pod = key.name, "{message}");
+                let unscheduled = json!({"status": {"phase": "Pending", "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message},
+                ]}});
+                let _ = store.replace(&key, Part::Status, unscheduled, false);
+                pods::event(store, &key, "Warning", "FailedScheduling", &message);
+                return;
+            }
+        };
         let status = |ready: bool, state: Value| {
             pods::pod_status(
                 &ip,

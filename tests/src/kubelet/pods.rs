@@ -103,6 +103,22 @@ fn write(ctx: &PodCtx, name: &str, image: &str, r: &Report) {
     let _ = ctx.store.replace(&ctx.key, Part::Status, json!({ "status": status }), false);
 }
 
+/// Records a core/v1 Event about pod `key`, as the kubelet and the scheduler do (what `kubectl
+/// describe pod` and `kubectl get events` show).
+pub(crate) fn event(store: &Store, key: &Key, type_: &str, reason: &str, message: &str) {
+    let Some(events) = resources::find("", "v1", "events") else { return };
+    let now = crate::apiserver::store::now();
+    let event = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": format!("{}.", key.name), "namespace": key.namespace},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": key.namespace, "name": key.name},
+        "type": type_, "reason": reason, "message": message,
+        "source": {"component": "kubelet", "host": "127.0.0.1"},
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    });
+    let _ = store.create(events, &key.namespace, event);
+}
+
 /// A pod's status with these container statuses.
 pub(crate) fn pod_status(ip: &str, phase: &str, ready: bool, containers: Value) -> Value {
     let flag = if ready { "True" } else { "False" };
@@ -183,8 +199,14 @@ async fn supervise(ctx: PodCtx, mut stop: watch::Receiver<bool>) {
         let began = Instant::now();
         let ended = match spawn(&ctx, &container, &env, &mounts) {
             Err(e) => {
-                tracing::warn!(pod = ctx.key.name, error = %e, "cannot start the sidecar");
-                report.waiting("RunContainerError", e.to_string());
+                // As a kubelet reports a container whose entrypoint cannot run: the start error in
+                // the last state and an Event, then the usual back-off.
+                let message = format!("cannot start {}: {e}", ctx.sidecar.display());
+                tracing::warn!(pod = ctx.key.name, "{message}");
+                report.restarts += 1;
+                report.last_state =
+                    json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": message}});
+                event(&ctx.store, &ctx.key, "Warning", "Failed", &format!("Error: {message}"));
                 None
             }
             Ok(mut child) => {
@@ -303,6 +325,14 @@ fn spawn(
     env: &BTreeMap<String, String>,
     mounts: &[Mount],
 ) -> std::io::Result<tokio::process::Child> {
+    // Checked here, not left to exec: through setpriv a missing binary is only exit status 127.
+    if !ctx.sidecar.is_absolute() || !ctx.sidecar.is_file() {
+        let why = if ctx.sidecar.is_absolute() { "no such file" } else { "the path is relative" };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{why} (the sidecar binary, --sidecar-bin)"),
+        ));
+    }
     std::fs::create_dir_all(&ctx.dir)?;
     for m in mounts {
         std::fs::create_dir_all(&m.host)?;

@@ -17,6 +17,7 @@ fn cpu_pool_runs_the_sidecar_with_every_setting_from_the_spec() {
         ("INFERPOOL_DISK_MB", "1024"),
         ("INFERPOOL_MEMORY_LIMIT_MB", "2048"),
         ("INFERPOOL_LOG_FORMAT", "json"),
+        ("INFERPOOL_DRAIN_DELAY_SECONDS", "5"),
         ("INFERPOOL_SHUTDOWN_GRACE_SECONDS", "20"),
     ];
     for (name, value) in want {
@@ -45,7 +46,10 @@ fn cpu_pool_runs_the_sidecar_with_every_setting_from_the_spec() {
     let pod = pod(&children);
     assert_eq!(pod.node_selector, None);
     assert_eq!(pod.tolerations, None);
-    assert_eq!(pod.termination_grace_period_seconds, Some(30));
+    // The grace covers the whole shutdown the env asks for: drain delay + drain + a margin to exit.
+    let seconds = |name| env_value(sidecar, name).and_then(|v| v.parse::<i64>().ok()).expect(name);
+    let shutdown = seconds("INFERPOOL_DRAIN_DELAY_SECONDS") + seconds("INFERPOOL_SHUTDOWN_GRACE_SECONDS");
+    assert_eq!(pod.termination_grace_period_seconds, Some(shutdown + 5));
     assert_eq!(pod.automount_service_account_token, Some(false));
     assert_eq!(pod.enable_service_links, Some(false));
     let volumes = serde_json::to_value(&pod.volumes).expect("json");
