@@ -343,6 +343,16 @@ pub(super) fn record_update(t: &Target, call: &Call, old: Option<&Value>, new: &
     fields::update(old, new, &writer);
 }
 
+/// The `gracePeriodSeconds` of a DELETE: its DeleteOptions body, else the query parameter.
+fn grace_period(call: &Call) -> Result<Option<u64>, Status> {
+    let from_body = if call.body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        parse_json(call.body)?.get("gracePeriodSeconds").and_then(Value::as_u64)
+    };
+    Ok(from_body.or_else(|| query(call.q, "gracePeriodSeconds").and_then(|g| g.parse().ok())))
+}
+
 /// The propagation policy of a DELETE: its DeleteOptions body, else the query parameter.
 fn propagation(call: &Call) -> Result<Propagation, Status> {
     let from_body = if call.body.iter().all(u8::is_ascii_whitespace) {
@@ -406,6 +416,9 @@ fn route(store: &Arc<Store>, t: &Target, call: &Call) -> Result<Response<Body>, 
             Ok(full(StatusCode::OK, &store.replace(&key(name), t.part, object, true)?))
         }
         (&Method::PATCH, Some(name)) => patch::patch(store, t, &key(name), call),
+        (&Method::DELETE, Some(name)) if grace_period(call)? == Some(0) => {
+            Ok(full(StatusCode::OK, &store.delete_now(&key(name))?))
+        }
         (&Method::DELETE, Some(name)) => Ok(full(StatusCode::OK, &store.delete_with(&key(name), propagation(call)?)?)),
         (m, _) => Err(Status::refused(405, "MethodNotAllowed", format!("{m} is not supported here"))),
     }

@@ -386,9 +386,32 @@ impl Store {
         inner.objects.iter().filter(|(_, v)| owned_by(v, uid)).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
+    /// Deletes a pod at once, without its graceful termination: what the kubelet does once the
+    /// pod's containers have stopped (a DELETE with `gracePeriodSeconds: 0`).
+    pub fn delete_now(&self, key: &Key) -> Result<Value, Status> {
+        self.delete_background_with(key, false)
+    }
+
     fn delete_background(&self, key: &Key) -> Result<Value, Status> {
+        self.delete_background_with(key, true)
+    }
+
+    fn delete_background_with(&self, key: &Key, graceful: bool) -> Result<Value, Status> {
         let mut inner = self.lock();
         let mut old = inner.objects.get(key).cloned().ok_or_else(|| Status::not_found(key.resource, &key.name))?;
+        // A pod bound to a node terminates gracefully, as in Kubernetes: the API server only marks
+        // it (deletionTimestamp, deletionGracePeriodSeconds) and the node's kubelet stops its
+        // containers, then deletes it for good. An unbound pod goes at once.
+        if graceful && key.resource.kind == "Pod" && old.pointer("/spec/nodeName").is_some_and(|n| n != "") {
+            if meta_str(&old, "deletionTimestamp").is_some() {
+                return Ok(old);
+            }
+            let grace = old.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_u64).unwrap_or(30);
+            let m = meta(&mut old);
+            m.insert("deletionTimestamp".into(), Value::String(now()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+            return Ok(self.commit(&mut inner, key.clone(), Change::Modified, old));
+        }
         if finalizers(&old).next().is_some() {
             if meta_str(&old, "deletionTimestamp").is_some() {
                 return Ok(old);

@@ -33,10 +33,12 @@ pub(crate) fn reconcile(store: &Store) {
         let endpoints: Vec<Value> = members
             .iter()
             .map(|p| {
-                let ready = is_ready(p) && p.pointer("/metadata/deletionTimestamp").is_none();
+                // A terminating pod is never `ready` (clients stop opening connections to it);
+                // `serving` still says whether it passes its readiness probe.
+                let terminating = p.pointer("/metadata/deletionTimestamp").is_some();
                 json!({
                     "addresses": [str_at(p, "/status/podIP")],
-                    "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                    "conditions": {"ready": is_ready(p) && !terminating, "serving": is_ready(p), "terminating": terminating},
                     "targetRef": {"kind": "Pod", "namespace": ns, "name": str_at(p, "/metadata/name"), "uid": str_at(p, "/metadata/uid")},
                 })
             })

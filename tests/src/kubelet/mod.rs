@@ -220,6 +220,9 @@ pub(crate) fn is_ready(pod: &Value) -> bool {
     })
 }
 
+/// The node every process-mode pod is bound to.
+pub const NODE_NAME: &str = "inferpool-local";
+
 /// Loopback addresses tried for one pod before it is reported unschedulable.
 const IP_ATTEMPTS: u32 = 32;
 
@@ -271,6 +274,18 @@ impl State {
             .collect();
         // A deleted pod's task stops: its process is killed and its directory removed.
         self.pods.retain(|k, _| alive.contains(k));
+        // A pod being deleted gracefully is stopped as a kubelet does (SIGTERM, then SIGKILL when
+        // its grace period is over) and then deleted for good; one with no process goes at once.
+        for p in all_pods.iter().filter(|p| p.pointer("/metadata/deletionTimestamp").is_some()) {
+            let id = (str_at(p, "/metadata/namespace").to_owned(), str_at(p, "/metadata/name").to_owned());
+            let grace = p.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_u64).unwrap_or(30);
+            match self.pods.get(&id) {
+                Some(handle) => handle.terminate(Duration::from_secs(grace)),
+                None => {
+                    let _ = store.delete_now(&Key { resource: pods, namespace: id.0, name: id.1 });
+                }
+            }
+        }
         for d in store.list(deployments, None, |_| true).0 {
             if d.pointer("/metadata/deletionTimestamp").is_some() {
                 continue;
@@ -281,9 +296,10 @@ impl State {
             let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
             let hash = template_hash(&template);
             let strategy = Strategy::of(&d, replicas);
+            // Terminating pods are no longer the Deployment's replicas (as for a ReplicaSet).
             let infos = |pods: &[Value]| -> Vec<PodInfo> {
                 pods.iter()
-                    .filter(|p| owned_by(p, uid))
+                    .filter(|p| owned_by(p, uid) && p.pointer("/metadata/deletionTimestamp").is_none())
                     .map(|p| PodInfo {
                         name: str_at(p, "/metadata/name").to_owned(),
                         updated: str_at(p, "/metadata/labels/pod-template-hash") == hash,
@@ -318,6 +334,11 @@ impl State {
         let mut labels = template.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
         labels["pod-template-hash"] = json!(hash);
         let name = str_at(d, "/metadata/name");
+        let mut spec = template.get("spec").cloned().unwrap_or(json!({}));
+        if matches!(self.mode, Mode::Process { .. }) {
+            // Bound to this node: deleting it then waits for its process to stop.
+            spec["nodeName"] = json!(NODE_NAME);
+        }
         let pod = json!({
             "metadata": {
                 "generateName": format!("{name}-{hash}-"),
@@ -328,10 +349,16 @@ impl State {
                     "uid": str_at(d, "/metadata/uid"), "controller": true, "blockOwnerDeletion": true,
                 }],
             },
-            "spec": template.get("spec").cloned().unwrap_or(json!({})),
+            "spec": spec,
         });
         let ns = str_at(d, "/metadata/namespace");
-        let Ok(created) = store.create(pods, ns, pod) else { return };
+        let created = match store.create(pods, ns, pod) {
+            Ok(created) => created,
+            Err(e) => {
+                tracing::warn!(deployment = name, error = %e.message, "cannot create a pod");
+                return;
+            }
+        };
         let container = main_container(&created);
         let ports = [
             probes::named_port(&container, "http").unwrap_or(wire::API_PORT),

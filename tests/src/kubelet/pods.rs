@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use inferpool_crds::wire;
 use serde_json::{Value, json};
@@ -39,29 +39,79 @@ pub(crate) struct PodCtx {
     pub options: Options,
 }
 
+/// What the pod's task is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Keep the container running.
+    Run,
+    /// The pod is being deleted: SIGTERM, SIGKILL after the grace period, then delete the pod.
+    Terminate(Duration),
+    /// Kill the process now (the pod is gone, or the kubelet stops).
+    Kill,
+}
+
 /// A running pod task; stopping or dropping it stops the pod.
 pub(crate) struct PodHandle {
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl PodHandle {
     /// Starts the pod's task.
     pub fn start(ctx: PodCtx) -> PodHandle {
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(Stop::Run);
         PodHandle { stop, task: tokio::spawn(supervise(ctx, stopped)) }
+    }
+
+    /// Starts the pod's graceful termination (once; later calls change nothing).
+    pub fn terminate(&self, grace: Duration) {
+        self.stop.send_if_modified(|s| {
+            let start = *s == Stop::Run;
+            if start {
+                *s = Stop::Terminate(grace);
+            }
+            start
+        });
     }
 
     /// Stops the pod and waits until its process is reaped and its directory removed.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Stop::Kill);
         let _ = self.task.await;
     }
 }
 
-/// Resolves when asked to stop (or when the handle is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
+/// Resolves with what was asked once the task is asked to stop (Kill when the handle is gone).
+async fn stopped(rx: &mut watch::Receiver<Stop>) -> Stop {
+    match rx.wait_for(|stop| *stop != Stop::Run).await {
+        Ok(stop) => *stop,
+        Err(_) => Stop::Kill,
+    }
+}
+
+/// Ends the pod's task: a terminated pod is deleted for good, and its directory is removed.
+fn finish(ctx: &PodCtx, how: Stop) {
+    if matches!(how, Stop::Terminate(_)) {
+        let _ = ctx.store.delete_now(&ctx.key);
+    }
+    cleanup(ctx);
+}
+
+/// Sends SIGTERM to `child`, then kills it if it is still running after `grace`.
+async fn terminate(child: &mut tokio::process::Child, grace: Duration, stop: &mut watch::Receiver<Stop>) {
+    use rustix::process::{Pid, Signal, kill_process};
+    let pid = child.id().and_then(|id| Pid::from_raw(i32::try_from(id).ok()?));
+    if let Some(pid) = pid {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+    let killed = async {
+        let _ = stop.wait_for(|s| *s == Stop::Kill).await;
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(grace, child.wait()) => {}
+        () = killed => {}
+    }
+    let _ = child.kill().await;
 }
 
 /// What the pod's status says about its container.
@@ -165,7 +215,7 @@ enum Ended {
     Unhealthy(Option<std::process::ExitStatus>),
 }
 
-async fn supervise(ctx: PodCtx, mut stop: watch::Receiver<bool>) {
+async fn supervise(ctx: PodCtx, mut stop: watch::Receiver<Stop>) {
     let container = main_container(&ctx.pod);
     let (name, image) = (str_at(&container, "/name").to_owned(), str_at(&container, "/image").to_owned());
     let mounts = volumes::mounts(&ctx.pod, &container, &ctx.dir, &ctx.claims);
@@ -190,7 +240,7 @@ async fn supervise(ctx: PodCtx, mut stop: watch::Receiver<bool>) {
                     report.waiting("CreateContainerConfigError", e.to_string());
                     write(&ctx, &name, &image, &report);
                     tokio::select! {
-                        () = stopped(&mut stop) => return cleanup(&ctx),
+                        how = stopped(&mut stop) => return finish(&ctx, how),
                         () = config_changed(&mut changes, &ctx.key.namespace) => {}
                     }
                 }
@@ -216,9 +266,19 @@ async fn supervise(ctx: PodCtx, mut stop: watch::Receiver<bool>) {
                 report.ready = false;
                 write(&ctx, &name, &image, &report);
                 let ended = tokio::select! {
-                    () = stopped(&mut stop) => {
-                        let _ = child.kill().await;
-                        return cleanup(&ctx);
+                    how = stopped(&mut stop) => {
+                        match how {
+                            Stop::Terminate(grace) => {
+                                // Not ready from now on, as a kubelet reports a terminating pod.
+                                report.ready = false;
+                                write(&ctx, &name, &image, &report);
+                                terminate(&mut child, grace, &mut stop).await;
+                            }
+                            _ => {
+                                let _ = child.kill().await;
+                            }
+                        }
+                        return finish(&ctx, how);
                     }
                     status = child.wait() => status.map(Ended::Exited).ok(),
                     () = probe(&ctx, &container, &name, &image, &mut report) => Some(Ended::Unhealthy(None)),
@@ -255,7 +315,7 @@ async fn supervise(ctx: PodCtx, mut stop: watch::Receiver<bool>) {
             .waiting("CrashLoopBackOff", format!("back-off {backoff:?} restarting failed container={name} pod={pod}"));
         write(&ctx, &name, &image, &report);
         tokio::select! {
-            () = stopped(&mut stop) => return cleanup(&ctx),
+            how = stopped(&mut stop) => return finish(&ctx, how),
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(ctx.options.crash_backoff_cap);
