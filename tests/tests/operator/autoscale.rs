@@ -11,12 +11,28 @@ use inferpool_crds::SlaReport;
 
 use super::*;
 
-/// Closed-loop load on the Service's ready endpoints (round robin); with `bypass` every request
-/// skips the caches and runs the model, without it repeats are cache hits (memory, disk, Redis).
+/// Closed-loop load on the Service's ready endpoints (round robin) over `images` (cycled); with
+/// `bypass` every request skips the caches and runs the model, without it repeats are cache hits
+/// (memory, disk, Redis).
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// `n` distinct PNGs of one real photo (one pixel differs), so each has its own cache key.
+fn distinct_images(n: u32) -> Vec<bytes::Bytes> {
+    let photo = image::load_from_memory(&inferpool_tests::fixtures::photo("chelsea.png").unwrap()).unwrap().to_rgb8();
+    (0..n)
+        .map(|i| {
+            let mut copy = photo.clone();
+            copy.put_pixel(0, 0, image::Rgb([(i % 256) as u8, (i / 256) as u8, 7]));
+            let mut out = std::io::Cursor::new(Vec::new());
+            copy.write_to(&mut out, image::ImageFormat::Png).unwrap();
+            bytes::Bytes::from(out.into_inner())
+        })
+        .collect()
 }
 
 impl Load {
@@ -26,12 +42,24 @@ impl Load {
         workers: usize,
         bypass: bool,
     ) -> Load {
-        let (stop, ok) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-        let body = bytes::Bytes::from(inferpool_tests::fixtures::photo("chelsea.png").unwrap());
+        let one = bytes::Bytes::from(inferpool_tests::fixtures::photo("chelsea.png").unwrap());
+        Self::over(store, service, workers, bypass, vec![one])
+    }
+
+    fn over(
+        store: Arc<inferpool_tests::apiserver::store::Store>,
+        service: &str,
+        workers: usize,
+        bypass: bool,
+        images: Vec<bytes::Bytes>,
+    ) -> Load {
+        let (stop, ok, failed) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let images = Arc::new(images);
         let tasks = (0..workers)
             .map(|worker| {
-                let (stop, ok, store, body, service) =
-                    (stop.clone(), ok.clone(), store.clone(), body.clone(), service.to_owned());
+                let (stop, ok, failed, store, images, service) =
+                    (stop.clone(), ok.clone(), failed.clone(), store.clone(), images.clone(), service.to_owned());
                 tokio::spawn(async move {
                     let http = reqwest_like::client();
                     let mut n = worker;
@@ -42,23 +70,31 @@ impl Load {
                             continue;
                         }
                         let (ip, port) = &endpoints[n % endpoints.len()];
+                        let body = images[n % images.len()].clone();
                         n += 1;
-                        if reqwest_like::embed(&http, ip, *port, body.clone(), bypass).await {
+                        if reqwest_like::embed(&http, ip, *port, body, bypass).await {
                             ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 })
             })
             .collect();
-        Load { stop, ok, tasks }
+        Load { stop, ok, failed, tasks }
     }
 
-    async fn stop(self) -> u64 {
+    /// Stops the load: (answered, failed).
+    async fn stop_counting(self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             let _ = task.await;
         }
-        self.ok.load(Ordering::Relaxed)
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop_counting().await.0
     }
 }
 
@@ -92,6 +128,14 @@ pub mod reqwest_like {
             }
             Err(_) => false,
         }
+    }
+
+    /// A replica's admin `/metrics` text ("" when it does not answer).
+    pub async fn admin_metrics(http: &Http, ip: &str) -> String {
+        let Ok(uri) = format!("http://{ip}:9090/metrics").parse() else { return String::new() };
+        let Ok(response) = http.get(uri).await else { return String::new() };
+        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        String::from_utf8_lossy(&body).into_owned()
     }
 
     /// A replica's SLA report.
@@ -150,6 +194,24 @@ async fn load_scales_the_pool_out_and_it_scales_back_only_after_the_delay() {
     let idle_since = std::time::Instant::now();
     wait_for(&pools, "busy", "scaled in", |p: Option<&InferencePool>| desired(p) == 1).await;
     assert!(idle_since.elapsed() >= Duration::from_secs(6), "scaled in after {:?}", idle_since.elapsed());
+
+    // Both decisions are explained by Events on the pool.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cluster.client.clone(), NS);
+    let wanted = |reasons: &[&str]| {
+        let reasons: Vec<String> = reasons.iter().map(|r| (*r).to_owned()).collect();
+        move |e: Option<&k8s_openapi::api::events::v1::Event>| {
+            e.is_some_and(|e| e.reason.as_ref().is_some_and(|r| reasons.contains(r)))
+        }
+    };
+    let about_busy =
+        |e: &k8s_openapi::api::events::v1::Event| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("busy");
+    let listed = events.list(&ListParams::default()).await.unwrap().items;
+    let up = listed.iter().find(|e| about_busy(e) && wanted(&["ScaledUp", "ScaledUpInPanic"])(Some(e)));
+    let up =
+        up.unwrap_or_else(|| panic!("no scale-up Event: {:?}", listed.iter().map(|e| &e.reason).collect::<Vec<_>>()));
+    assert!(up.note.as_deref().is_some_and(|n| n.contains("1 ->") || n.contains("replicas")), "{up:?}");
+    let down = listed.iter().find(|e| about_busy(e) && wanted(&["ScaledDown"])(Some(e)));
+    assert!(down.is_some(), "no scale-down Event: {:?}", listed.iter().map(|e| &e.reason).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -214,16 +276,39 @@ async fn a_tuning_change_reaches_every_replica_and_a_killed_replica_is_replaced(
 async fn a_redis_outage_does_not_breach_the_sla() {
     let mut redis = inferpool_tests::redis::Redis::start().unwrap();
     let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
+    // Small memory tier, no disk tier, many distinct images: lookups reach Redis, so Redis is on
+    // the request path when it dies.
     let spec = json!({
         "replicas": {"min": 1, "max": 1},
-        "cache": {"diskMb": 16, "redis": {"url": redis.url()}},
-        "sla": {"p95LatencyMs": 2000, "maxErrorRate": 0.01},
+        "cache": {"memoryEntries": 8, "diskMb": 0, "auto": false, "redis": {"url": redis.url()}},
+        // The outage takes Redis hits away by design; latency and errors are what must hold.
+        "sla": {"p95LatencyMs": 2000, "maxErrorRate": 0.01, "minCacheHitRate": 0.0},
         "autoscaling": {"intervalSeconds": 1, "stableWindowSeconds": 6, "panicWindowSeconds": 2},
     });
     pools.create(&PostParams::default(), &pool("shared", spec)).await.unwrap();
     wait_for(&pools, "shared", "Ready", has_condition("Ready", "True")).await;
-    let load = Load::start(cluster.server.store.clone(), "shared", 2, false);
+    let load = Load::over(cluster.server.store.clone(), "shared", 2, false, distinct_images(64));
     wait_for(&pools, "shared", "compliant", has_condition("SLACompliant", "True")).await;
+    // Redis answers lookups before the outage (the second pass over the images).
+    let pod_ip = pods(&cluster.client, "shared").await[0].status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+    let redis_hits = || async {
+        let text = reqwest_like::admin_metrics(&reqwest_like::client(), &pod_ip).await;
+        text.lines()
+            .find(|l| {
+                l.starts_with("inferpool_cache_requests_total{")
+                    && l.contains("tier=\"redis\"")
+                    && l.contains("result=\"hit\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    tokio::time::timeout(WAIT, async {
+        while redis_hits().await == 0.0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("Redis never answered a lookup: it is not on the request path");
 
     redis.kill();
     // Watch the pool through two stable windows of the outage: it must never leave the SLA.
@@ -241,5 +326,8 @@ async fn a_redis_outage_does_not_breach_the_sla() {
     })
     .await;
     assert!(watched.is_err(), "the watch ended early");
-    assert!(load.stop().await > 0);
+    let (answered, failed) = load.stop_counting().await;
+    eprintln!("Redis outage under load of 64 distinct images: {answered} answered, {failed} failed");
+    assert!(answered > 0);
+    assert_eq!(failed, 0, "requests failed while Redis was down");
 }
