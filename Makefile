@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run run-sidecar test lint fmt crd bench bench-sidecar bench-cache bench-autoscaling bench-pipeline model clean-model autoscaling-plots
+.PHONY: setup run run-sidecar test fuzz lint fmt crd bench bench-sidecar bench-cache bench-autoscaling bench-pipeline model clean-model autoscaling-plots
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -17,11 +17,16 @@ run: setup
 run-sidecar: setup
 	$(CARGO) run --release -p inferpool-sidecar -- --data-dir .cache/data $(ARGS)
 
-## test: the whole test suite (Rust, the model scripts, the Helm chart)
+## test: the whole test suite (Rust, the model scripts, the Helm chart, 30 s of each fuzz target)
 test: setup
 	$(CARGO) test --workspace
 	$(VENV)/python -m pytest -q models/
 	INFERPOOL_REQUIRE_OPERATOR=1 $(VENV)/python -m pytest -q charts/tests
+	scripts/fuzz.sh 30
+
+## fuzz: every fuzz target for FUZZ_SECONDS each (default 600); findings in fuzz/artifacts/
+fuzz: setup
+	scripts/fuzz.sh $(or $(FUZZ_SECONDS),600)
 
 ## lint: formatting and clippy, as CI checks them
 lint:

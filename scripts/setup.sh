@@ -5,7 +5,7 @@
 #                         Helm chart's checks (scripts/requirements.txt)
 #   models/effnet_lite0/  the default model's ONNX variants (generated, checked against card.json)
 #   .cache/photos/        benchmark photos at 640x400, 1920x1080 and 12 MP (scripts/make_photos.py)
-# and installs redis-server, openssl and prometheus from Debian when missing. Idempotent: each step is
+# and installs redis-server, openssl and prometheus from Debian and cargo-fuzz from crates.io when missing. Idempotent: each step is
 # skipped when its result is already there, so a rerun is fast and works offline once it has run once.
 set -euo pipefail
 
@@ -77,6 +77,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     log "warning: ${missing[*]} not installed (apt-get install ${missing[*]}); the tests that need them will fail"
   fi
+fi
+
+# --- cargo-fuzz (crates.io), for the fuzz targets in fuzz/ (scripts/fuzz.sh) ---------------------
+CARGO_FUZZ_VERSION=0.13.2
+if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]; then
+  log "installing cargo-fuzz $CARGO_FUZZ_VERSION (a few minutes, once)"
+  cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 
 # --- benchmark photos (640x400, 1920x1080, 12 MP) from scikit-image's bundled photos ------------
