@@ -187,6 +187,45 @@ async fn sigterm_finishes_queued_work_then_exits_0_and_profiles_survive() {
 }
 
 #[tokio::test]
+async fn sigterm_with_full_batches_and_a_queue_behind_them_answers_every_accepted_request() {
+    // Batches of 4 that wait up to 1.5 s to fill, one session: 24 distinct images are a full batch
+    // in inference and more queued behind it when the signal comes.
+    let mut p =
+        Proc::spawn(&[("INFERPOOL_MAX_DELAY_MS", "1500"), ("INFERPOOL_MAX_BATCH", "4"), ("INFERPOOL_SESSIONS", "1")]);
+    let base = p.ready().await;
+    let photo = decode(&photo("chelsea.png"));
+    let mut requests = Vec::new();
+    for i in 0..24u8 {
+        let mut copy = photo.to_rgb8();
+        copy.put_pixel(0, 0, image::Rgb([i, 0, 0]));
+        let body = png(&image::DynamicImage::ImageRgb8(copy));
+        let url = format!("{base}/api/v1/embed");
+        requests.push(tokio::spawn(async move {
+            send(Method::POST, &url, &[("content-type", "image/png"), ("x-deadline-ms", "30000")], body).await.status
+        }));
+    }
+    let queued = async {
+        let mut ticker = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            ticker.tick().await;
+            if get(&format!("{base}/api/v1/metrics/sla")).await.json()["queueDepth"].as_u64().unwrap_or(0) >= 8 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), queued).await.expect("the queue never filled");
+    p.signal("-TERM");
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for r in requests {
+        *statuses.entry(r.await.unwrap().as_u16()).or_default() += 1;
+    }
+    eprintln!("SIGTERM with a full queue: answers by status {statuses:?}");
+    assert_eq!(statuses.get(&200).copied(), Some(24), "every accepted request is answered: {statuses:?}");
+    let status = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
 async fn after_sigterm_it_serves_not_ready_through_the_drain_delay_then_closes_its_listeners() {
     let mut p = Proc::spawn(&[("INFERPOOL_DRAIN_DELAY_SECONDS", "2")]);
     let base = p.ready().await;
