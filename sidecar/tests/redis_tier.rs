@@ -56,6 +56,17 @@ fn failures(metrics: &Metrics) -> u64 {
         .sum()
 }
 
+/// Waits until a connection error is counted (refused credentials); the counter has no change
+/// feed, so it is polled.
+async fn until_refused(metrics: &Metrics, what: &str) {
+    let counted = async {
+        while metrics.cache_errors(Tier::Redis, ErrorKind::Connection) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, counted).await.unwrap_or_else(|_| panic!("{what} was not counted"));
+}
+
 /// Lookups every 20 ms in the background, so the breaker gets probes while a test waits for it.
 fn traffic(tier: &Arc<RedisTier>) -> tokio::task::JoinHandle<()> {
     let tier = tier.clone();
@@ -226,13 +237,7 @@ async fn passwords_come_from_the_config_or_the_url_and_wrong_ones_fail() {
     // The configured password wins over the URL's.
     let wrong = RedisConfig { password: Some("wrong".into()), ..config(format!("redis://:s3cret@127.0.0.1:{port}/0")) };
     let (tier, metrics) = start_tier(wrong);
-    tokio::time::timeout(PATIENCE, async {
-        while metrics.cache_errors(Tier::Redis, ErrorKind::Connection) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the rejected password was not counted");
+    until_refused(&metrics, "the rejected password").await;
     assert!(!tier.is_connected());
     assert_eq!(get(&tier, &key(1)).await, Lookup::Skipped);
 }
@@ -346,13 +351,7 @@ async fn an_acl_user_limited_to_its_pools_keys_works_and_cannot_touch_another_po
     assert_eq!(server.cli(&["HGET", "inferpool:prod:shop:profiles", "alice"]), "one");
 
     let (wrong, metrics) = start_tier(RedisConfig { username: Some("nobody".into()), ..as_shop("shop") });
-    tokio::time::timeout(PATIENCE, async {
-        while metrics.cache_errors(Tier::Redis, ErrorKind::Connection) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the unknown user was not counted");
+    until_refused(&metrics, "the unknown user").await;
     assert!(!wrong.is_connected());
 }
 

@@ -214,15 +214,21 @@ async fn load_scales_the_pool_out_and_it_scales_back_only_after_the_delay() {
     assert!(down.is_some(), "no scale-down Event: {:?}", listed.iter().map(|e| &e.reason).collect::<Vec<_>>());
 }
 
-#[tokio::test]
-async fn a_tuning_change_reaches_every_replica_and_a_killed_replica_is_replaced() {
-    let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
-    let spec = json!({
+/// Two replicas with a pinned batch size and a 1 s autoscaler tick: pushes and replacements show
+/// within seconds.
+pub fn two_tuned_replicas() -> Value {
+    json!({
         "replicas": {"min": 2, "max": 2},
         "batching": {"auto": false, "maxBatchSize": 16},
         "cache": {"diskMb": 16},
         "autoscaling": {"intervalSeconds": 1},
-    });
+    })
+}
+
+#[tokio::test]
+async fn a_tuning_change_reaches_every_replica_and_a_killed_replica_is_replaced() {
+    let (cluster, _operator, pools) = with_operator(Mode::Process { sidecar: sidecar_bin() }).await;
+    let spec = two_tuned_replicas();
     pools.create(&PostParams::default(), &pool("tuned", spec)).await.unwrap();
     wait_for(&pools, "tuned", "Ready", has_condition("Ready", "True")).await;
 

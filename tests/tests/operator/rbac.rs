@@ -113,12 +113,7 @@ async fn the_chart_grants_the_operator_exactly_what_it_uses() {
     let cluster = cluster(Mode::Process { sidecar: sidecar_bin() }).await;
     let _operator = Operator::start(&cluster.url, "op-0", Some(5));
     let pools: Api<InferencePool> = Api::namespaced(cluster.client.clone(), NS);
-    let spec = json!({
-        "replicas": {"min": 2, "max": 2},
-        "batching": {"auto": false, "maxBatchSize": 16},
-        "cache": {"diskMb": 16},
-        "autoscaling": {"intervalSeconds": 1},
-    });
+    let spec = autoscale::two_tuned_replicas();
     pools.create(&PostParams::default(), &pool("guarded", spec)).await.unwrap();
     wait_for(&pools, "guarded", "Ready", has_condition("Ready", "True")).await;
 
