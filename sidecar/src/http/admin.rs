@@ -12,7 +12,8 @@ use inferpool_crds::{Tuning, wire};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::api::{json_error, metrics_text, readiness};
+use super::api::{metrics_text, readiness};
+use super::parse::{Query, json_error};
 use super::{ApiError, Resp, Routed, json, read_body};
 use crate::app::App;
 use crate::metrics::Route;
@@ -95,7 +96,8 @@ async fn put_tuning(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiE
 /// Redis is shared by the pool and is left to its TTL.
 async fn clear_cache(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     authorize(app, &req)?;
-    let tier = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("tier="))).unwrap_or("memory");
+    let query = Query::parse(req.uri().query(), &["tier"])?;
+    let tier = query.get("tier").unwrap_or("memory");
     let disk_too = match tier {
         "memory" => false,
         "disk" | "all" => true,

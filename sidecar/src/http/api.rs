@@ -7,18 +7,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use inferpool_crds::wire;
-use serde::Deserialize;
 use serde_json::json;
 
+use super::parse::{ProfileUpload, Query, Source, request_options, require_content_type};
 use super::{ApiError, Resp, Routed, blocking, discard_body, json, read_body, text};
 use crate::app::App;
-use crate::embed::{CacheMode, EmbedError, Outcome, Priority, RequestOptions};
+use crate::embed::{Outcome, RequestOptions};
 use crate::matcher;
 use crate::metrics::Route;
 use crate::profiles::{Profile, ProfileError};
@@ -26,8 +24,6 @@ use crate::report;
 
 /// Shortest deadline a profile upload gets: it may embed many images.
 const PROFILE_UPLOAD_DEADLINE: Duration = Duration::from_secs(30);
-/// Most results a scan returns.
-const MAX_TOP_K: usize = 100;
 
 /// The route a path on the public listener belongs to.
 pub fn route_of(path: &str) -> Route {
@@ -52,7 +48,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
         let result = match method {
             Method::PUT => put_profile(app, &id, req).await,
             Method::GET => get_profile(app, &id, req.uri().query()).await,
-            Method::DELETE => delete_profile(app, &id).await,
+            Method::DELETE => delete_profile(app, &id, req.uri().query()).await,
             m => Err(ApiError::MethodNotAllowed(m.to_string())),
         };
         return (Route::Profiles, result);
@@ -99,66 +95,6 @@ pub fn metrics_text(app: &App) -> Resp {
     text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.encode())
 }
 
-/// Reads `Cache-Control` request directives; `no-store` wins over `no-cache`, others are ignored
-/// (as HTTP caches do with directives they do not implement).
-fn cache_mode(value: Option<&str>) -> CacheMode {
-    let directives = value.unwrap_or("").split(',').map(|d| d.trim().to_ascii_lowercase()).collect::<Vec<_>>();
-    if directives.iter().any(|d| d == "no-store") {
-        CacheMode::Bypass
-    } else if directives.iter().any(|d| d == "no-cache" || d == "max-age=0") {
-        CacheMode::Refresh
-    } else {
-        CacheMode::Use
-    }
-}
-
-fn request_options(app: &App, headers: &HeaderMap, min_deadline: Duration) -> Result<RequestOptions, ApiError> {
-    let arrived = Instant::now();
-    let header = |name: &'static str| -> Result<Option<&str>, ApiError> {
-        headers
-            .get(name)
-            .map(|v| v.to_str().map_err(|_| ApiError::BadHeader { name, message: "not ASCII".into() }))
-            .transpose()
-    };
-    let priority = match header("x-priority")?.map(|v| v.trim().to_ascii_lowercase()) {
-        None => Priority::Normal,
-        Some(v) if v == "high" => Priority::High,
-        Some(v) if v == "normal" => Priority::Normal,
-        Some(v) if v == "low" => Priority::Low,
-        Some(v) => {
-            return Err(ApiError::BadHeader {
-                name: "X-Priority",
-                message: format!("{v:?}: expected high, normal or low"),
-            });
-        }
-    };
-    let budget = match header("x-deadline-ms")? {
-        None => app.config.default_deadline.max(min_deadline),
-        Some(v) => v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| ApiError::BadHeader {
-            name: "X-Deadline-Ms",
-            message: format!("{v:?}: expected whole milliseconds"),
-        })?,
-    };
-    let deadline = arrived + budget;
-    if budget.is_zero() {
-        return Err(EmbedError::DeadlineExceeded.into());
-    }
-    let cache = cache_mode(header("cache-control")?);
-    Ok(RequestOptions { priority, deadline, cache })
-}
-
-/// Refuses a body whose Content-Type starts with none of `accepted` (an absent one is accepted:
-/// the body is checked for what it is anyway).
-fn require_content_type(headers: &HeaderMap, accepted: &[&str], want: &'static str) -> Result<(), ApiError> {
-    let Some(ct) = headers.get(CONTENT_TYPE) else { return Ok(()) };
-    let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-    if accepted.iter().any(|a| ct.starts_with(a)) {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedMediaType { got: ct, want })
-    }
-}
-
 /// The embedding of an image, through the request pipeline of the loaded model.
 async fn embed_image(app: &App, bytes: Bytes, opts: &RequestOptions) -> Result<Outcome, ApiError> {
     let pipeline = app.pipeline().ok_or(ApiError::NotReady)?;
@@ -173,7 +109,7 @@ async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Outcom
     }
     let image = "an image (Content-Type: image/jpeg, image/png, ...)";
     require_content_type(req.headers(), &["image/", "application/octet-stream"], image)?;
-    let opts = request_options(app, req.headers(), Duration::ZERO)?;
+    let opts = request_options(req.headers(), app.config.default_deadline, Duration::ZERO)?;
     if let Err(e) = app.pipeline().map_or(Ok(()), |p| p.admit_early(&opts)) {
         // Refused before the body was read: read it off the connection unseen, so the client
         // gets the answer on a connection that stays usable.
@@ -214,6 +150,7 @@ struct Timing {
 }
 
 async fn embed(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    Query::parse(req.uri().query(), &[])?;
     let (e, started) = embed_request(app, req).await?;
     let answer = EmbedAnswer {
         embedding: &e.embedding,
@@ -223,11 +160,6 @@ async fn embed(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError>
         timing_ms: Timing { queue: ms(e.queue_wait), inference: ms(e.inference), total: ms(started.elapsed()) },
     };
     Ok(json(StatusCode::OK, &answer))
-}
-
-/// The query parameter `name`, if present.
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
 /// A profile by id; one this replica has not seen yet is looked for among the pool's shared ones.
@@ -262,10 +194,7 @@ fn unit(mut v: Vec<f32>) -> Result<Vec<f32>, ApiError> {
 }
 
 async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let id = query_param(req.uri().query(), "profile")
-        .filter(|id| !id.is_empty())
-        .ok_or(ApiError::BadQuery { name: "profile", message: "required: POST /api/v1/match?profile=<id>".into() })?
-        .to_owned();
+    let id = Query::parse(req.uri().query(), &["profile"])?.profile()?;
     let profile = usable_profile(app, &id).await?;
     let (e, started) = embed_request(app, req).await?;
     let query = unit(e.embedding.to_vec())?;
@@ -286,12 +215,7 @@ async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, A
 }
 
 async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let top_k = match query_param(req.uri().query(), "top_k") {
-        None => 5,
-        Some(v) => v.parse::<usize>().ok().filter(|k| (1..=MAX_TOP_K).contains(k)).ok_or_else(|| {
-            ApiError::BadQuery { name: "top_k", message: format!("{v:?}: expected a whole number in 1..={MAX_TOP_K}") }
-        })?,
-    };
+    let top_k = Query::parse(req.uri().query(), &["top_k"])?.top_k()?;
     let (e, started) = embed_request(app, req).await?;
     let query = unit(e.embedding.to_vec())?;
     let default_threshold = app.card.card.match_threshold;
@@ -323,51 +247,14 @@ async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> 
     ))
 }
 
-/// Body of `PUT /api/v1/profiles/{id}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProfileBody {
-    #[serde(default)]
-    threshold: Option<f32>,
-    references: Vec<ReferenceBody>,
-}
-
-/// One reference: an image (base64) or an embedding computed elsewhere with the same model.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReferenceBody {
-    id: String,
-    #[serde(default)]
-    image_b64: Option<String>,
-    #[serde(default)]
-    embedding: Option<Vec<f32>>,
-}
-
 async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
     crate::profiles::check_id(id)?;
     require_content_type(req.headers(), &["application/json"], "application/json")?;
-    let opts = request_options(app, req.headers(), PROFILE_UPLOAD_DEADLINE)?;
+    Query::parse(req.uri().query(), &[])?;
+    let opts = request_options(req.headers(), app.config.default_deadline, PROFILE_UPLOAD_DEADLINE)?;
     let body = read_body(req, app.config.max_body_bytes).await?;
-    let body: ProfileBody = serde_json::from_slice(&body).map_err(json_error)?;
     // Decode everything first so a bad reference costs no inference.
-    let mut pending = Vec::with_capacity(body.references.len());
-    for (i, r) in body.references.into_iter().enumerate() {
-        let source = match (r.image_b64, r.embedding) {
-            (Some(b64), None) => base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map(|b| Source::Image(Bytes::from(b)))
-                .map_err(|e| ApiError::BadBase64 {
-                    field: format!("references[{i}].image_b64"),
-                    message: e.to_string(),
-                })?,
-            (None, Some(embedding)) => Source::Embedding(embedding),
-            _ => {
-                let msg = "give exactly one of image_b64 or embedding".to_owned();
-                return Err(ApiError::InReference(i, Box::new(ApiError::Unprocessable(msg))));
-            }
-        };
-        pending.push((r.id, source));
-    }
+    let ProfileUpload { threshold, references: pending } = ProfileUpload::parse(&body)?;
     // Images of one upload are queued together, so they run as one batch.
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (_, source)) in pending.iter().enumerate() {
@@ -391,7 +278,7 @@ async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result
         .collect();
     let (profile, created) = blocking({
         let app = Arc::clone(app);
-        let (id, threshold) = (id.to_owned(), body.threshold);
+        let id = id.to_owned();
         move || app.profiles.put(&id, threshold, refs)
     })
     .await??;
@@ -410,23 +297,9 @@ async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result
     ))
 }
 
-enum Source {
-    Image(Bytes),
-    Embedding(Vec<f32>),
-}
-
-/// Syntax errors are 400; well-formed JSON with the wrong content is 422.
-pub fn json_error(e: serde_json::Error) -> ApiError {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Data => ApiError::Unprocessable(e.to_string()),
-        _ => ApiError::BadJson(e.to_string()),
-    }
-}
-
 async fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
+    let with_embeddings = Query::parse(query, &["include"])?.include_embeddings()?;
     let p = find_profile(app, id).await?;
-    let with_embeddings = query_param(query, "include") == Some("embeddings");
     let references: Vec<_> = p
         .references
         .iter()
@@ -446,8 +319,9 @@ async fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, A
     ))
 }
 
-async fn delete_profile(app: &App, id: &str) -> Result<Resp, ApiError> {
+async fn delete_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
     crate::profiles::check_id(id)?;
+    Query::parse(query, &[])?;
     find_profile(app, id).await?;
     let store = Arc::clone(&app.profiles);
     let owned = id.to_owned();

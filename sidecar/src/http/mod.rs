@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod api;
 pub mod error;
+pub mod parse;
 pub mod request_id;
 
 use std::convert::Infallible;
