@@ -58,13 +58,16 @@ fi
 # Debian 12's libjpeg-turbo 2.1 is older than the API the crate binds). The cache tests start
 # their own redis-server; the TLS test makes its certificates with openssl; the autoscaler's
 # Prometheus-source test starts its own prometheus (on a free port, with a temporary config and
-# TSDB). Only the binaries are used: the packages' services are not started.
+# TSDB). The disk-fault tests use chattr (e2fsprogs) and unshare (util-linux, with a tmpfs in a
+# mount namespace of their own). Only the binaries are used: the packages' services are not started.
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v nasm >/dev/null 2>&1 || missing+=(nasm)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v chattr >/dev/null 2>&1 || missing+=(e2fsprogs)
+command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     log "installing ${missing[*]}"

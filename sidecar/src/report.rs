@@ -119,7 +119,8 @@ pub fn health(app: &App) -> (Health, Value) {
     let rss = rss_bytes();
     let threshold = app.config.memory_threshold;
     let memory = if threshold.is_some_and(|t| rss >= t) { Health::Degraded } else { Health::Healthy };
-    let overall = [model, redis_health, memory].into_iter().max().unwrap_or(Health::Healthy);
+    let disk_health = if cache.disk_writes_failing() { Health::Degraded } else { Health::Healthy };
+    let overall = [model, redis_health, memory, disk_health].into_iter().max().unwrap_or(Health::Healthy);
     let errors =
         |tier| app.metrics.cache_errors(tier, ErrorKind::Io) + app.metrics.cache_errors(tier, ErrorKind::Corrupt);
     let body = json!({
@@ -140,8 +141,8 @@ pub fn health(app: &App) -> (Health, Value) {
             "diskCache": disk.map_or_else(
                 || json!({"status": "disabled"}),
                 |(entries, bytes, budget)| json!({
-                    "status": Health::Healthy.as_str(), "entries": entries, "bytes": bytes, "budgetBytes": budget,
-                    "errorsTotal": errors(Tier::Disk),
+                    "status": disk_health.as_str(), "entries": entries, "bytes": bytes, "budgetBytes": budget,
+                    "writesFailing": cache.disk_writes_failing(), "errorsTotal": errors(Tier::Disk),
                 }),
             ),
             "redis": redis.map_or_else(

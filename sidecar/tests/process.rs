@@ -4,17 +4,12 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::proc::{BIN, Proc};
 use common::*;
 use http::{Method, StatusCode};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-
-const BIN: &str = env!("CARGO_BIN_EXE_inferpool-sidecar");
 
 #[test]
 fn help_lists_every_flag_with_its_environment_twin() {
@@ -63,64 +58,6 @@ fn bad_configuration_exits_64_naming_every_problem() {
 fn an_unparseable_flag_also_exits_64() {
     let out = std::process::Command::new(BIN).arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(64));
-}
-
-/// A sidecar process with its JSON log lines.
-struct Proc {
-    child: Child,
-    logs: mpsc::UnboundedReceiver<Value>,
-}
-
-impl Proc {
-    /// Starts the binary configured only through the environment.
-    fn spawn(env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
-            .env("INFERPOOL_MODEL", card())
-            .env("INFERPOOL_LISTEN", "127.0.0.1:0")
-            .env("INFERPOOL_ADMIN_LISTEN", "127.0.0.1:0")
-            .env("INFERPOOL_LOG_FORMAT", "json")
-            .envs(env.iter().copied())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (tx, logs) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
-        Proc { child, logs }
-    }
-
-    /// Waits for the log line whose message starts with `prefix`.
-    async fn wait_log(&mut self, prefix: &str) -> Value {
-        let wait = async {
-            loop {
-                let v = self.logs.recv().await.expect("the sidecar exited");
-                if v["fields"]["message"].as_str().is_some_and(|m| m.starts_with(prefix)) {
-                    return v;
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(60), wait).await.unwrap()
-    }
-
-    /// Waits until ready; returns the API base URL.
-    async fn ready(&mut self) -> String {
-        let listening = self.wait_log("listening").await;
-        let api = listening["fields"]["api"].as_str().unwrap().to_owned();
-        self.wait_log("ready").await;
-        format!("http://{api}")
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().unwrap().to_string();
-        assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
-    }
 }
 
 #[tokio::test]
@@ -263,9 +200,6 @@ async fn a_model_that_fails_its_checksum_stops_the_sidecar_with_a_clear_error() 
     ]);
     let status = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await.unwrap().unwrap();
     assert_eq!(status.code(), Some(1));
-    let mut messages = String::new();
-    while let Ok(v) = p.logs.try_recv() {
-        messages.push_str(&v.to_string());
-    }
+    let messages = p.logged();
     assert!(messages.contains("sha256") && messages.contains("make setup"), "{messages}");
 }

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde_json::json;
@@ -75,6 +75,8 @@ pub struct Cache {
     target_entries: AtomicU64,
     disk: Option<Arc<DiskTier>>,
     disk_jobs: Option<mpsc::Sender<DiskJob>>,
+    /// Whether the last disk write failed (a read-only or full disk): health reports it.
+    disk_failing: Arc<AtomicBool>,
     redis: Option<Arc<RedisTier>>,
     metrics: Arc<Metrics>,
 }
@@ -88,9 +90,12 @@ impl Cache {
             budget => Some(Arc::new(DiskTier::open(&cfg.dir, budget)?)),
         };
         let redis = cfg.redis.clone().map(|r| RedisTier::start(r, Arc::clone(&metrics))).transpose()?;
+        let disk_failing = Arc::new(AtomicBool::new(false));
         let disk_jobs = disk.as_ref().map(|d| {
             let (tx, rx) = mpsc::channel(DISK_QUEUE);
-            tokio::spawn(disk_writer(Arc::clone(d), rx, Arc::clone(&metrics)));
+            let writer =
+                DiskWriter { disk: Arc::clone(d), metrics: Arc::clone(&metrics), failing: Arc::clone(&disk_failing) };
+            tokio::spawn(writer.run(rx));
             tx
         });
         if let Some(d) = &disk {
@@ -120,6 +125,7 @@ impl Cache {
             target_entries: AtomicU64::new(cfg.memory_entries),
             disk,
             disk_jobs,
+            disk_failing,
             redis,
             metrics,
         }))
@@ -260,6 +266,12 @@ impl Cache {
         self.disk.as_ref().map(|d| (d.entries(), d.bytes(), d.budget()))
     }
 
+    /// Whether the disk tier's last write failed for a reason of the disk's (read-only, full,
+    /// gone), not of the entry's.
+    pub fn disk_writes_failing(&self) -> bool {
+        self.disk_failing.load(Ordering::Relaxed)
+    }
+
     /// The Redis tier, when configured.
     pub fn redis(&self) -> Option<&Arc<RedisTier>> {
         self.redis.as_ref()
@@ -310,29 +322,47 @@ impl Cache {
 }
 
 /// Writes queued entries to disk, a batch per trip to the blocking pool.
-async fn disk_writer(disk: Arc<DiskTier>, mut rx: mpsc::Receiver<DiskJob>, metrics: Arc<Metrics>) {
-    let mut jobs = Vec::with_capacity(DISK_BATCH);
-    while rx.recv_many(&mut jobs, DISK_BATCH).await > 0 {
-        let batch = std::mem::take(&mut jobs);
-        let (d, m) = (Arc::clone(&disk), Arc::clone(&metrics));
-        let done = tokio::task::spawn_blocking(move || {
-            let mut flushes = Vec::new();
-            for job in batch {
-                match job {
-                    DiskJob::Write(key, bytes) => {
-                        if let Err(e) = d.put(&key, &bytes) {
-                            m.cache_error(Tier::Disk, ErrorKind::Io);
-                            tracing::warn!(error = %e, "disk cache write failed");
+struct DiskWriter {
+    disk: Arc<DiskTier>,
+    metrics: Arc<Metrics>,
+    failing: Arc<AtomicBool>,
+}
+
+impl DiskWriter {
+    async fn run(self, mut rx: mpsc::Receiver<DiskJob>) {
+        let this = Arc::new(self);
+        let mut jobs = Vec::with_capacity(DISK_BATCH);
+        while rx.recv_many(&mut jobs, DISK_BATCH).await > 0 {
+            let batch = std::mem::take(&mut jobs);
+            let w = Arc::clone(&this);
+            let done = tokio::task::spawn_blocking(move || w.write(batch)).await;
+            for tx in done.unwrap_or_default() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Writes one batch; returns the flushes it contained, to be answered once it is on disk.
+    fn write(&self, batch: Vec<DiskJob>) -> Vec<oneshot::Sender<()>> {
+        let mut flushes = Vec::new();
+        for job in batch {
+            match job {
+                DiskJob::Write(key, bytes) => match self.disk.put(&key, &bytes) {
+                    Ok(()) => self.failing.store(false, Ordering::Relaxed),
+                    Err(e) => {
+                        self.metrics.cache_error(Tier::Disk, ErrorKind::Io);
+                        let disk_fault = !matches!(e, DiskError::TooLarge { .. });
+                        // One line when writes start failing, not one per entry of a full disk.
+                        if disk_fault && !self.failing.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "disk cache writes fail; serving from the other tiers until one succeeds");
+                        } else {
+                            tracing::debug!(error = %e, "disk cache write failed");
                         }
                     }
-                    DiskJob::Flush(tx) => flushes.push(tx),
-                }
+                },
+                DiskJob::Flush(tx) => flushes.push(tx),
             }
-            flushes
-        })
-        .await;
-        for tx in done.unwrap_or_default() {
-            let _ = tx.send(());
         }
+        flushes
     }
 }

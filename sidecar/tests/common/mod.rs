@@ -2,6 +2,7 @@
 //! photos that `make setup` installs (scikit-image's bundled images in the venv).
 #![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proc;
 pub mod redis;
 
 use std::io::Cursor;
@@ -183,13 +184,25 @@ fn client() -> &'static Client<HttpConnector, Full<Bytes>> {
 
 /// Sends one request.
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    try_send(method, url, headers, body).await.unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// Sends one request; a connection that fails or breaks off is an error (for load tests that
+/// count such failures instead of stopping at the first).
+pub async fn try_send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Result<Reply, String> {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client().request(req.body(Full::new(body.into())).unwrap()).await.unwrap();
+    let resp = client().request(req.body(Full::new(body.into())).unwrap()).await.map_err(|e| format!("{e:?}"))?;
     let (parts, body) = resp.into_parts();
-    Reply { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status: parts.status, headers: parts.headers, body })
 }
 
 pub async fn get(url: &str) -> Reply {
@@ -214,6 +227,16 @@ pub fn profile_body(refs: &[(&str, &[u8])]) -> Value {
         .map(|(id, b)| serde_json::json!({"id": id, "image_b64": base64::engine::general_purpose::STANDARD.encode(b)}))
         .collect();
     serde_json::json!({ "references": refs })
+}
+
+/// The value of the series of metric `name` that carries every `labels` pair, 0 if absent
+/// (whatever order the exposition writes the labels in).
+pub fn metric_with(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The value of a Prometheus series (first line that starts with `series`), 0 if absent.

@@ -1,7 +1,8 @@
 //! A real `redis-server` (the Debian package, on PATH) on a free loopback port, for tests of the
 //! Redis cache tier, plus a raw RESP client to look inside it without `redis-cli`.
 //!
-//! The server runs without persistence (`--save "" --appendonly no`), so a restart starts empty.
+//! The server runs without persistence (`--save "" --appendonly no`), so a restart starts empty,
+//! and takes `DEBUG` commands from loopback clients (to make it slow on purpose).
 //! Readiness is the server's own "Ready to accept connections" log line, read from its stdout;
 //! afterwards a thread keeps draining stdout so the server never blocks on a full pipe.
 
@@ -67,7 +68,10 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<(), String> {
         let port = self.port.to_string();
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"]).arg(std::env::temp_dir());
+        // DEBUG (e.g. `DEBUG SLEEP`, to make the server slow) only from loopback clients.
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "local"])
+            .arg("--dir")
+            .arg(std::env::temp_dir());
         match &self.tls {
             None => cmd.args(["--port", &port]),
             Some(tls) => cmd
