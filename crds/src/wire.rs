@@ -27,6 +27,8 @@ pub const EMBED: &str = "/api/v1/embed";
 pub const MATCH: &str = "/api/v1/match";
 /// `POST` an image: the closest references over every profile.
 pub const SCAN: &str = "/api/v1/scan";
+/// `POST` an image: its PDQ hash (`{"pdq": "<64 hex digits>", "quality", "usable"}`).
+pub const HASH: &str = "/api/v1/hash";
 /// Prefix of `/api/v1/profiles/{id}` (`PUT`, `GET`, `DELETE`).
 pub const PROFILES_PREFIX: &str = "/api/v1/profiles/";
 /// The SLA report ([`crate::SlaReport`]) the operator reads, on the API port.

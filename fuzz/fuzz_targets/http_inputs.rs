@@ -3,6 +3,8 @@
 //! profile-upload body. The input is split at newlines: query, X-Priority, X-Deadline-Ms,
 //! Cache-Control, Content-Type, then the body (the rest, newlines included).
 //!
+//! The body is also read as a PDQ hash in hex, as partners' hash lists carry them.
+//!
 //! Properties: nothing panics; every refusal is a client error (4xx), except a deadline of 0,
 //! which is 504 as at the handler; whatever is accepted is within its documented range.
 #![no_main]
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use inferpool_sidecar::http::ApiError;
 use inferpool_sidecar::http::parse::{MAX_TOP_K, ProfileUpload, Query, Source, request_options, require_content_type};
+use inferpool_sidecar::pdq::Pdq;
 use inferpool_sidecar::profiles::check_id;
 use libfuzzer_sys::fuzz_target;
 
@@ -57,6 +60,12 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Err(e) = require_content_type(&headers, &["image/", "application/octet-stream"], "an image") {
         client_error(&e);
+    }
+
+    if let Ok(text) = std::str::from_utf8(body)
+        && let Ok(hash) = Pdq::from_hex(text)
+    {
+        assert_eq!(hash.to_string(), text.to_ascii_lowercase(), "a parsed PDQ hash prints as it was given");
     }
 
     match ProfileUpload::parse(body) {

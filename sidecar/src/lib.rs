@@ -19,6 +19,7 @@ pub mod labels;
 pub mod matcher;
 pub mod metrics;
 pub mod model;
+pub mod pdq;
 pub mod preprocess;
 pub mod profiles;
 pub mod report;

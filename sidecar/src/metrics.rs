@@ -23,6 +23,8 @@ pub enum Route {
     Match,
     /// POST /api/v1/scan
     Scan,
+    /// `POST /api/v1/hash`.
+    Hash,
     /// PUT|GET|DELETE /api/v1/profiles/{id}
     Profiles,
     /// GET /api/v1/metrics/*
@@ -44,6 +46,7 @@ impl Route {
             Route::Embed => "embed",
             Route::Match => "match",
             Route::Scan => "scan",
+            Route::Hash => "hash",
             Route::Profiles => "profiles",
             Route::Reports => "reports",
             Route::Probes => "probes",
@@ -56,6 +59,11 @@ impl Route {
     /// Whether the route serves model traffic and so counts towards the SLA.
     pub fn is_inference(self) -> bool {
         matches!(self, Route::Embed | Route::Match | Route::Scan | Route::Profiles)
+    }
+
+    /// Whether the route takes an image body (POST); the others are read with GET.
+    pub fn takes_image(self) -> bool {
+        matches!(self, Route::Embed | Route::Match | Route::Scan | Route::Hash)
     }
 }
 

@@ -16,9 +16,11 @@ use serde_json::json;
 use super::parse::{ProfileUpload, Query, Source, request_options, require_content_type};
 use super::{ApiError, Resp, Routed, blocking, discard_body, json, read_body, text};
 use crate::app::App;
-use crate::embed::{Outcome, RequestOptions};
+use crate::embed::{EmbedError, Outcome, RequestOptions};
 use crate::matcher;
 use crate::metrics::Route;
+use crate::pdq::{self, Pdq};
+use crate::preprocess::JpegDecode;
 use crate::profiles::{Profile, ProfileError};
 use crate::report;
 
@@ -32,6 +34,7 @@ pub fn route_of(path: &str) -> Route {
         wire::EMBED => Route::Embed,
         wire::MATCH => Route::Match,
         wire::SCAN => Route::Scan,
+        wire::HASH => Route::Hash,
         wire::HEALTHZ | wire::READYZ | wire::HEALTH => Route::Probes,
         wire::METRICS => Route::Metrics,
         wire::SLA_REPORT | wire::PERFORMANCE_REPORT | wire::AI_INFERENCE_REPORT => Route::Reports,
@@ -57,7 +60,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
     if route == Route::Unknown {
         return (route, Err(ApiError::NotFound(path)));
     }
-    let wanted = if route.is_inference() { Method::POST } else { Method::GET };
+    let wanted = if route.takes_image() { Method::POST } else { Method::GET };
     if method != wanted {
         return (route, Err(ApiError::MethodNotAllowed(method.to_string())));
     }
@@ -65,6 +68,7 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
         wire::EMBED => embed(app, req).await,
         wire::MATCH => match_profile(app, req).await,
         wire::SCAN => scan(app, req).await,
+        wire::HASH => hash(app, req).await,
         wire::HEALTHZ => Ok(json(StatusCode::OK, &json!({"status": "ok"}))),
         wire::READYZ => readiness(app),
         wire::HEALTH => Ok(health(app)),
@@ -160,6 +164,28 @@ async fn embed(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError>
         timing_ms: Timing { queue: ms(e.queue_wait), inference: ms(e.inference), total: ms(started.elapsed()) },
     };
     Ok(json(StatusCode::OK, &answer))
+}
+
+/// `POST /api/v1/hash`: the PDQ hash of the image at full resolution (as partners' hash lists
+/// are made), its quality, and whether that quality is enough to match on. CPU only, no model.
+async fn hash(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    Query::parse(req.uri().query(), &[])?;
+    require_content_type(
+        req.headers(),
+        &["image/", "application/octet-stream"],
+        "an image (Content-Type: image/jpeg, image/png, ...)",
+    )?;
+    let body = read_body(req, app.config.max_body_bytes).await?;
+    let full = app.preprocessor.as_ref().clone().with_jpeg_decode(JpegDecode::Full);
+    let (hash, quality) = blocking(move || {
+        let (width, height, rgb) = full.decode_upright(&body).map_err(|e| ApiError::Embed(EmbedError::Image(e)))?;
+        Pdq::of_rgb(width, height, &rgb).ok_or(ApiError::ImageTooSmall { width, height })
+    })
+    .await??;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"pdq": hash.to_string(), "quality": quality, "usable": quality >= pdq::MIN_MATCH_QUALITY}),
+    ))
 }
 
 /// A profile by id; one this replica has not seen yet is looked for among the pool's shared ones.

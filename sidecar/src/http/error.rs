@@ -83,6 +83,14 @@ pub enum ApiError {
     /// The request pipeline could not produce an embedding.
     #[error(transparent)]
     Embed(#[from] EmbedError),
+    /// An image too small to hash.
+    #[error("the image is {width}x{height}; PDQ needs at least {min}x{min} pixels", min = crate::pdq::MIN_SIDE)]
+    ImageTooSmall {
+        /// Its width.
+        width: u32,
+        /// Its height.
+        height: u32,
+    },
     /// The model is not loaded yet.
     #[error("the model is still loading; retry when /readyz answers 200")]
     NotReady,
@@ -118,6 +126,7 @@ impl ApiError {
             ApiError::Unauthorized => (S::UNAUTHORIZED, "unauthorized"),
             ApiError::StaleTuning(_) => (S::CONFLICT, "stale_generation"),
             ApiError::Embed(e) => embed_status(e),
+            ApiError::ImageTooSmall { .. } => (S::UNPROCESSABLE_ENTITY, "image_too_small"),
             ApiError::NotReady => (S::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
         }

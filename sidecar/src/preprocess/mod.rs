@@ -105,7 +105,7 @@ impl Preprocessor {
     /// bytes. Requests wait in the batch queue in this form and are normalised as their batch is
     /// assembled ([`Preprocessor::normalize_into`]).
     pub fn prepare_pixels(&self, bytes: &[u8]) -> Result<Vec<u8>, PreprocessError> {
-        let (width, height, rgb) = self.decode(bytes)?;
+        let (width, height, rgb) = self.decode_upright(bytes)?;
         self.resize_rgb(width, height, rgb)
     }
 
@@ -122,8 +122,8 @@ impl Preprocessor {
 
     /// Decodes to packed RGB8, upright, checking the header's size before the pixels are read.
     /// A JPEG may come back smaller than its header says (reduced decoding), never smaller than
-    /// the model input.
-    fn decode(&self, bytes: &[u8]) -> Result<(u32, u32, Vec<u8>), PreprocessError> {
+    /// the model input; with [`JpegDecode::Full`] every image comes back at its own size.
+    pub fn decode_upright(&self, bytes: &[u8]) -> Result<(u32, u32, Vec<u8>), PreprocessError> {
         if bytes.is_empty() {
             return Err(PreprocessError::Empty);
         }

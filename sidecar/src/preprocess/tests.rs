@@ -293,7 +293,7 @@ fn exif_orientation_turns_the_photo_upright_in_both_decode_modes() {
     for (mode, (iw, ih), want) in cases {
         let pre = Preprocessor::new(spec(iw, ih, Layout::Nchw, ColorOrder::Rgb, ResizeMode::Stretch), 1 << 24)
             .with_jpeg_decode(mode);
-        let (w, h, rgb) = pre.decode(&jpeg).unwrap();
+        let (w, h, rgb) = pre.decode_upright(&jpeg).unwrap();
         assert_eq!((w, h), want, "{mode:?} for {iw}x{ih}");
         let at = |row: u32| &rgb[((row * w + w / 2) * 3) as usize..][..3];
         let (top, bottom) = (at(h / 8), at(h - 1 - h / 8));
@@ -352,7 +352,7 @@ fn every_kind_of_jpeg_decodes_alike_in_both_modes() {
                 .with_jpeg_decode(mode)
         };
         let (full, reduced) = (pre(JpegDecode::Full), pre(JpegDecode::Reduced));
-        let (rw, rh, _) = reduced.decode(&jpeg).unwrap();
+        let (rw, rh, _) = reduced.decode_upright(&jpeg).unwrap();
         let want_reduced = if matches!(kind, JpegKind::Cmyk) { (256, 128) } else { (32, 16) };
         assert_eq!((rw, rh), want_reduced, "{kind:?}: CMYK keeps the general decoder, the rest decode at 1/8");
         let (a, b) = (full.prepare(&jpeg).unwrap(), reduced.prepare(&jpeg).unwrap());
