@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run run-sidecar test fuzz lint fmt crd bench bench-sidecar bench-cache bench-autoscaling bench-pipeline model clean-model autoscaling-plots
+.PHONY: setup run run-sidecar test fuzz soak lint fmt crd bench bench-sidecar bench-cache bench-autoscaling bench-pipeline model clean-model autoscaling-plots
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -27,6 +27,11 @@ test: setup
 ## fuzz: every fuzz target for FUZZ_SECONDS each (default 600); findings in fuzz/artifacts/
 fuzz: setup
 	scripts/fuzz.sh $(or $(FUZZ_SECONDS),600)
+
+## soak: an hour of mixed traffic against a release sidecar with Redis (SOAK_SECONDS, SOAK_RATE); report in docs/benchmarks/soak.md
+soak: setup
+	$(CARGO) build --release -p inferpool-sidecar --bins
+	$(VENV)/python scripts/soak.py
 
 ## lint: formatting and clippy, as CI checks them
 lint:
