@@ -451,7 +451,7 @@ def markdown(raw: dict, res: dict) -> str:
         "| target | result | status |",
         "|---|---|---|",
         f"| RSS growth after the {raw['warmup_seconds'] / 60:.0f}-minute warm-up | {t['rss_growth']['value']} MB "
-        f"(largest sample after warm-up minus the one at its end; {res['growth_end_mb']} MB at the end) | "
+        f"(largest sample after warm-up minus the sample at the end of warm-up; {res['growth_end_mb']} MB at the end) | "
         f"{met(t['rss_growth']['met'])} (target <= {GROWTH_TARGET_MB:g} MB) |",
         f"| unexpected statuses | {res['unexpected']} of {res['requests']:,} requests; exit code {raw['exit_code']} "
         f"after SIGTERM | {met(t['unexpected_statuses']['met'])} (target 0) |",
