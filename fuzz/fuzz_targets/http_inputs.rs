@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use inferpool_sidecar::http::ApiError;
-use inferpool_sidecar::http::parse::{MAX_TOP_K, ProfileUpload, Query, Source, request_options, require_content_type};
+use inferpool_sidecar::http::parse::{MAX_TOP_K, ProfileUpload, Query, Source, request_options, require_image};
 use inferpool_sidecar::pdq::Pdq;
 use inferpool_sidecar::profiles::check_id;
 use libfuzzer_sys::fuzz_target;
@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(opts) => assert!(opts.deadline > before, "an accepted deadline is in the future"),
         Err(e) => client_error(&e),
     }
-    if let Err(e) = require_content_type(&headers, &["image/", "application/octet-stream"], "an image") {
+    if let Err(e) = require_image(&headers) {
         client_error(&e);
     }
 

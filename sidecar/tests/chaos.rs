@@ -122,9 +122,9 @@ impl Load {
 }
 
 /// Polls `done` every 20 ms (counters have no event to await) until it holds, at most 60 s.
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let wait = async {
-        while !done() {
+        while !done().await {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -146,18 +146,19 @@ fn assert_all_answered(scenario: &str, t: &Tally) {
     assert_eq!(t.failed(), 0, "{scenario}: every request is answered 200; first failures: {:?}", t.first_failures);
 }
 
-/// A sidecar whose memory tier holds 8 entries and that has no disk tier: a set of 48 images
-/// cycles through Redis.
-async fn sidecar_on(redis: &RedisServer) -> Server {
-    Server::start(&["--redis-url", &redis.url(), "--memory-entries", "8", "--disk-mb", "0"]).await
+/// Redis, a sidecar on it whose memory tier holds 8 entries and that has no disk tier, and four
+/// clients cycling through 48 images, once Redis answers lookups.
+async fn loaded_through_redis() -> (RedisServer, Server, Load) {
+    let redis = RedisServer::start();
+    let s = Server::start(&["--redis-url", &redis.url(), "--memory-entries", "8", "--disk-mb", "0"]).await;
+    let load = Load::start(&s.url(""), distinct_images(0, 48), 4);
+    until("Redis answers lookups", async || load.now().by("redis") >= 20).await;
+    (redis, s, load)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_killed_and_restarted_mid_load_costs_no_request() {
-    let mut redis = RedisServer::start();
-    let s = sidecar_on(&redis).await;
-    let load = Load::start(&s.url(""), distinct_images(0, 48), 4);
-    until("Redis answers lookups", || load.now().by("redis") >= 20).await;
+    let (mut redis, s, load) = loaded_through_redis().await;
 
     redis.kill();
     let at_kill = load.now();
@@ -165,12 +166,13 @@ async fn a_redis_killed_and_restarted_mid_load_costs_no_request() {
         s.app.metrics.cache_errors(Tier::Redis, ErrorKind::Connection)
             + s.app.metrics.cache_errors(Tier::Redis, ErrorKind::Timeout)
     };
-    until("answers while Redis is down", || load.now().answered() >= at_kill.answered() + 40 && errors() > 0).await;
+    until("answers while Redis is down", async || load.now().answered() >= at_kill.answered() + 40 && errors() > 0)
+        .await;
     let during = load.now();
 
     redis.restart();
-    until("writes reach the restarted Redis", || dbsize(redis.port()) >= 8).await;
-    until("hits from the restarted Redis", || load.now().by("redis") > during.by("redis")).await;
+    until("writes reach the restarted Redis", async || dbsize(redis.port()) >= 8).await;
+    until("hits from the restarted Redis", async || load.now().by("redis") > during.by("redis")).await;
     let t = load.stop().await;
     eprintln!(
         "Redis down: {} answered while it was gone ({} Redis errors counted)",
@@ -183,10 +185,7 @@ async fn a_redis_killed_and_restarted_mid_load_costs_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_costs_lookups_their_budget_and_no_request() {
-    let redis = RedisServer::start();
-    let s = sidecar_on(&redis).await;
-    let load = Load::start(&s.url(""), distinct_images(0, 48), 4);
-    until("Redis answers lookups", || load.now().by("redis") >= 20).await;
+    let (redis, s, load) = loaded_through_redis().await;
 
     // Back-to-back DEBUG SLEEP 0.2 for 3 s: every command waits up to 200 ms, ten times the
     // lookup budget (--redis-timeout-ms 20).
@@ -201,7 +200,7 @@ async fn a_slow_redis_costs_lookups_their_budget_and_no_request() {
     slow.await.unwrap();
     let after_slow = load.now();
     assert!(timeouts() > 0, "lookups against the slow Redis time out and are counted");
-    until("hits once Redis is fast again", || load.now().by("redis") > after_slow.by("redis")).await;
+    until("hits once Redis is fast again", async || load.now().by("redis") > after_slow.by("redis")).await;
     let t = load.stop().await;
     eprintln!(
         "Redis slow for 3 s: {} answered meanwhile, {} lookups timed out",
@@ -239,14 +238,14 @@ async fn a_read_only_disk_cache_still_answers_from_what_it_holds_and_costs_no_re
     let data = tempfile::tempdir().unwrap();
     let s = Server::start_in(data.path(), &["--memory-entries", "8"]).await;
     let known = Load::start(&s.url(""), distinct_images(0, 48), 2);
-    until("the disk tier answers", || known.now().by("disk") >= 20).await;
+    until("the disk tier answers", async || known.now().by("disk") >= 20).await;
 
     let read_only = Immutable::set(&data.path().join("cache"));
     let (hits_before, io_before) = (known.now().by("disk"), s.app.metrics.cache_errors(Tier::Disk, ErrorKind::Io));
     let fresh = Load::start(&s.url(""), distinct_images(1000, 48), 2);
     let io_errors = || s.app.metrics.cache_errors(Tier::Disk, ErrorKind::Io) - io_before;
-    until("new entries fail to be written", || io_errors() >= 10).await;
-    until("old entries are still read", || known.now().by("disk") >= hits_before + 20).await;
+    until("new entries fail to be written", async || io_errors() >= 10).await;
+    until("old entries are still read", async || known.now().by("disk") >= hits_before + 20).await;
     let health = get(&s.url("/api/v1/health")).await.json();
     assert_eq!(health["components"]["diskCache"]["status"], "degraded", "{health}");
     assert_eq!(health["status"], "degraded", "a cache that cannot write degrades, never fails, the replica");
@@ -280,11 +279,7 @@ async fn a_full_disk_cache_costs_no_request() {
         let metrics = get(&format!("{base}/metrics")).await.text();
         metric_with(&metrics, "inferpool_cache_errors_total", &[("tier", "disk"), ("kind", "io")])
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while io_errors().await < 10.0 || load.now().by("disk") < 10 {
-        assert!(tokio::time::Instant::now() < deadline, "the tmpfs never filled: {:?}", load.now());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the tmpfs fills and writes fail", async || io_errors().await >= 10.0 && load.now().by("disk") >= 10).await;
     let health = get(&format!("{base}/api/v1/health")).await.json();
     assert_eq!(health["components"]["diskCache"]["writesFailing"], true, "{health}");
     let t = load.stop().await;

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use inferpool_crds::wire;
 use serde_json::json;
 
-use super::parse::{ProfileUpload, Query, Source, request_options, require_content_type};
+use super::parse::{ProfileUpload, Query, Source, request_options, require_content_type, require_image};
 use super::{ApiError, Resp, Routed, blocking, discard_body, json, read_body, text};
 use crate::app::App;
 use crate::embed::{EmbedError, Outcome, RequestOptions};
@@ -111,8 +111,7 @@ async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Outcom
     if !app.serves() {
         return Err(ApiError::NotReady);
     }
-    let image = "an image (Content-Type: image/jpeg, image/png, ...)";
-    require_content_type(req.headers(), &["image/", "application/octet-stream"], image)?;
+    require_image(req.headers())?;
     let opts = request_options(req.headers(), app.config.default_deadline, Duration::ZERO)?;
     if let Err(e) = app.pipeline().map_or(Ok(()), |p| p.admit_early(&opts)) {
         // Refused before the body was read: read it off the connection unseen, so the client
@@ -170,11 +169,7 @@ async fn embed(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError>
 /// are made), its quality, and whether that quality is enough to match on. CPU only, no model.
 async fn hash(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     Query::parse(req.uri().query(), &[])?;
-    require_content_type(
-        req.headers(),
-        &["image/", "application/octet-stream"],
-        "an image (Content-Type: image/jpeg, image/png, ...)",
-    )?;
+    require_image(req.headers())?;
     let body = read_body(req, app.config.max_body_bytes).await?;
     let full = app.preprocessor.as_ref().clone().with_jpeg_decode(JpegDecode::Full);
     let (hash, quality) = blocking(move || {

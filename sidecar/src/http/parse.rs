@@ -150,6 +150,15 @@ pub fn require_content_type(headers: &HeaderMap, accepted: &[&str], want: &'stat
     }
 }
 
+/// Refuses a body that is declared as something other than an image (or raw bytes).
+pub fn require_image(headers: &HeaderMap) -> Result<(), ApiError> {
+    require_content_type(
+        headers,
+        &["image/", "application/octet-stream"],
+        "an image (Content-Type: image/jpeg, image/png, ...)",
+    )
+}
+
 /// A `PUT /api/v1/profiles/{id}` body, checked and decoded; nothing has been embedded yet.
 pub struct ProfileUpload {
     /// The profile's own match threshold, if it sets one.
