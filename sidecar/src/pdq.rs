@@ -105,6 +105,20 @@ impl fmt::Display for Pdq {
     }
 }
 
+/// As its hex form, the way hash lists and profile files carry it.
+impl serde::Serialize for Pdq {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Pdq {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let hex = String::deserialize(deserializer)?;
+        Pdq::from_hex(&hex).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Debug for Pdq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Pdq({self})")
@@ -243,6 +257,12 @@ mod tests {
         bad.replace_range(10..11, "g");
         assert_eq!(Pdq::from_hex(&bad), Err(PdqError::NotHex { found: 'g', at: 10 }));
         assert_eq!(Pdq::from_hex(&"é".repeat(64)), Err(PdqError::NotHex { found: 'é', at: 0 }));
+
+        let json = serde_json::to_string(&hash).unwrap();
+        assert_eq!(json, format!("\"{hex}\""), "serialised as its hex form");
+        assert_eq!(serde_json::from_str::<Pdq>(&json).unwrap(), hash);
+        let err = serde_json::from_str::<Pdq>("\"abc\"").unwrap_err().to_string();
+        assert!(err.contains("64 hex digits, got 3"), "{err}");
     }
 
     #[test]

@@ -10,9 +10,12 @@
 //! set of striped locks so version numbers are never handed out twice, and the file is written
 //! before the map changes, so a failed write changes nothing.
 //!
-//! Embeddings only mean something to the model that produced them. Each profile records the
-//! fingerprint of its model; profiles made by another model stay on disk and are listed (nothing is
-//! lost on a model upgrade) but are stale: they never match until they are put again.
+//! A reference is an embedding (of an uploaded image, or computed elsewhere) or a PDQ hash from a
+//! partner's hash list. Embeddings only mean something to the model that produced them. Each
+//! profile records the fingerprint of its model; a profile with embeddings made by another model
+//! stays on disk and is listed (nothing is lost on a model upgrade) but is stale: it never matches
+//! until it is put again. PDQ hashes do not depend on the model, so a profile of hashes alone is
+//! never stale.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -26,8 +29,12 @@ use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::matcher;
+use crate::pdq::{self, Pdq};
 
+mod matching;
 pub mod sync;
+
+pub use matching::{Probe, SignalKind, Verdict};
 
 /// Most references one profile may hold.
 pub const MAX_REFERENCES: usize = 10_000;
@@ -70,7 +77,10 @@ pub struct Profile {
     pub id: String,
     /// Score at or above which a reference matches; the model card's default when absent.
     pub threshold: Option<f32>,
-    /// The reference embeddings, each of unit length.
+    /// Hamming distance at or below which a PDQ reference matches; 31 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pdq_distance: Option<u32>,
+    /// The references, embeddings of unit length or PDQ hashes.
     pub references: Vec<Reference>,
     /// 1 when created, incremented by each replacement.
     pub version: u64,
@@ -83,32 +93,95 @@ pub struct Profile {
     stale: bool,
 }
 
-/// One reference image's embedding.
+/// One reference: an image's embedding, or a PDQ hash.
+///
+/// Profile files written before PDQ references existed have an embedding on every reference and
+/// load unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reference {
     /// Caller-chosen id, unique within its profile.
     pub id: String,
-    /// Unit-length embedding.
+    /// Unit-length embedding; empty for a PDQ reference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub embedding: Vec<f32>,
+    /// The PDQ hash of a hash-list entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pdq: Option<Pdq>,
+    /// The hash's quality (0-100) when the list gives it; under 50 the hash is kept but not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<u8>,
+}
+
+/// What a reference of a new profile brings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// An embedding, normalised by the store.
+    Embedding(Vec<f32>),
+    /// A PDQ hash, with its quality when known.
+    Pdq(Pdq, Option<u8>),
+}
+
+impl From<Vec<f32>> for Signal {
+    fn from(v: Vec<f32>) -> Self {
+        Signal::Embedding(v)
+    }
+}
+
+/// A profile's own matching settings; absent ones take the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Settings {
+    /// Cosine score at or above which an embedding reference matches.
+    pub threshold: Option<f32>,
+    /// Hamming distance at or below which a PDQ reference matches.
+    pub pdq_distance: Option<u32>,
+}
+
+impl From<Option<f32>> for Settings {
+    fn from(threshold: Option<f32>) -> Self {
+        Settings { threshold, pdq_distance: None }
+    }
 }
 
 impl Profile {
-    /// Best-scoring reference for a unit-length query embedding: (reference id, cosine score).
+    /// Best-scoring embedding reference for a unit-length query embedding: (reference id, cosine).
     ///
-    /// None if the profile was made by another model (stale) or has no references.
+    /// None if the profile is stale or has no embedding references.
     pub fn best_match(&self, query: &[f32]) -> Option<(&str, f32)> {
         if self.stale {
             return None;
         }
         self.references
             .iter()
+            .filter(|r| !r.embedding.is_empty())
             .map(|r| (r.id.as_str(), matcher::cosine(query, &r.embedding)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
     }
 
-    /// Whether the embeddings were made by a different model than the one now served.
+    /// Whether it holds embeddings made by a different model than the one now served.
     pub fn is_stale(&self, model: &str) -> bool {
-        self.model != model
+        self.model != model && self.has_embeddings()
+    }
+
+    /// Whether any reference is an embedding (matching it needs the query's embedding).
+    pub fn has_embeddings(&self) -> bool {
+        self.references.iter().any(|r| !r.embedding.is_empty())
+    }
+
+    /// Whether any PDQ reference is good enough to match on (matching needs the query's hash).
+    pub fn has_pdq(&self) -> bool {
+        self.references.iter().any(Reference::pdq_usable)
+    }
+
+    /// The Hamming distance at or below which a PDQ reference matches.
+    pub fn pdq_distance(&self) -> u32 {
+        self.pdq_distance.unwrap_or(pdq::DEFAULT_MATCH_DISTANCE)
+    }
+}
+
+impl Reference {
+    /// Its PDQ hash, when it has one of enough quality to match on.
+    fn pdq_usable(&self) -> bool {
+        self.pdq.is_some() && self.quality.is_none_or(|q| q >= pdq::MIN_MATCH_QUALITY)
     }
 }
 
@@ -163,17 +236,21 @@ impl ProfileStore {
     /// Creates or replaces a profile, on disk before returning; returns it and whether it is new.
     ///
     /// Embeddings are normalised here. References must be 1..=10 000, each embedding `dim` long,
-    /// finite and non-zero, with non-empty ids unique within the profile; a threshold must be within
-    /// -1..=1.
-    pub fn put(
+    /// finite and non-zero, each quality 0..=100, with non-empty ids unique within the profile; a
+    /// threshold must be within -1..=1 and a PDQ distance within 0..=256.
+    pub fn put<S: Into<Signal>>(
         &self,
         id: &str,
-        threshold: Option<f32>,
-        refs: Vec<(String, Vec<f32>)>,
+        settings: impl Into<Settings>,
+        refs: Vec<(String, S)>,
     ) -> Result<(Arc<Profile>, bool), ProfileError> {
         check_id(id)?;
+        let Settings { threshold, pdq_distance } = settings.into();
         if let Some(t) = threshold.filter(|t| !(-1.0..=1.0).contains(t)) {
             return Err(ProfileError::Invalid(format!("threshold {t} must be within -1..=1")));
+        }
+        if let Some(d) = pdq_distance.filter(|d| *d > 256) {
+            return Err(ProfileError::Invalid(format!("pdq_distance {d} must be within 0..=256 (bits of a PDQ hash)")));
         }
         let references = validate_references(refs, self.dim)?;
         let _write = self.write_lock(id);
@@ -181,6 +258,7 @@ impl ProfileStore {
         let profile = Profile {
             id: id.to_owned(),
             threshold,
+            pdq_distance,
             references,
             version: previous.map_or(1, |v| v + 1),
             model: self.model.clone(),
@@ -223,11 +301,8 @@ impl ProfileStore {
     pub fn adopt(&self, mut profile: Profile) -> Result<bool, ProfileError> {
         check_id(&profile.id)?;
         profile.stale = profile.is_stale(&self.model);
-        if !profile.stale && profile.references.iter().any(|r| r.embedding.len() != self.dim) {
-            return Err(ProfileError::Invalid(format!(
-                "profile {:?}: embeddings are not {} long",
-                profile.id, self.dim
-            )));
+        if let Err(reason) = check_loaded(&profile, self.dim) {
+            return Err(ProfileError::Invalid(format!("profile {:?}: {reason}", profile.id)));
         }
         let _write = self.write_lock(&profile.id);
         if self.read().get(&profile.id).is_some_and(|p| same(p, &profile)) {
@@ -309,8 +384,8 @@ impl std::fmt::Debug for ProfileStore {
 
 /// Whether two profiles hold the same content (the stale flag is derived, not content).
 fn same(a: &Profile, b: &Profile) -> bool {
-    (a.version, a.updated_at, &a.model, a.threshold, &a.references)
-        == (b.version, b.updated_at, &b.model, b.threshold, &b.references)
+    (a.version, a.updated_at, &a.model, a.threshold, a.pdq_distance, &a.references)
+        == (b.version, b.updated_at, &b.model, b.threshold, b.pdq_distance, &b.references)
 }
 
 /// Checks a profile id: 1..=128 characters of `[A-Za-z0-9._-]`, not starting with '.', so it is
@@ -323,7 +398,7 @@ pub fn check_id(id: &str) -> Result<(), ProfileError> {
 }
 
 /// Checks references and normalises their embeddings; errors name the offending index.
-fn validate_references(refs: Vec<(String, Vec<f32>)>, dim: usize) -> Result<Vec<Reference>, ProfileError> {
+fn validate_references<S: Into<Signal>>(refs: Vec<(String, S)>, dim: usize) -> Result<Vec<Reference>, ProfileError> {
     if refs.is_empty() {
         return Err(ProfileError::Invalid("references must not be empty".to_owned()));
     }
@@ -333,13 +408,23 @@ fn validate_references(refs: Vec<(String, Vec<f32>)>, dim: usize) -> Result<Vec<
     }
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(refs.len());
     let mut out = Vec::with_capacity(refs.len());
-    for (i, (id, mut embedding)) in refs.into_iter().enumerate() {
+    for (i, (id, signal)) in refs.into_iter().enumerate() {
         if id.is_empty() {
             return Err(ProfileError::Invalid(format!("references[{i}].id is empty")));
         }
         if let Some(first) = seen.insert(id.clone(), i) {
             return Err(ProfileError::Invalid(format!("references[{i}].id {id:?} repeats references[{first}].id")));
         }
+        let mut embedding = match signal.into() {
+            Signal::Embedding(embedding) => embedding,
+            Signal::Pdq(_, Some(q)) if q > 100 => {
+                return Err(ProfileError::Invalid(format!("references[{i}].quality {q} must be within 0..=100")));
+            }
+            Signal::Pdq(hash, quality) => {
+                out.push(Reference { id, embedding: Vec::new(), pdq: Some(hash), quality });
+                continue;
+            }
+        };
         if embedding.len() != dim {
             return Err(ProfileError::DimensionMismatch { reference: id, expected: dim, got: embedding.len() });
         }
@@ -349,7 +434,7 @@ fn validate_references(refs: Vec<(String, Vec<f32>)>, dim: usize) -> Result<Vec<
         if !matcher::normalize(&mut embedding) {
             return Err(ProfileError::Invalid(format!("references[{i}].embedding ({id:?}) is all zeros")));
         }
-        out.push(Reference { id, embedding });
+        out.push(Reference { id, embedding, pdq: None, quality: None });
     }
     Ok(out)
 }
@@ -362,10 +447,20 @@ fn load(path: &Path, id: &str, model: &str, dim: usize) -> Result<Profile, Strin
         return Err(format!("file name does not match the profile id {:?}", profile.id));
     }
     profile.stale = profile.is_stale(model);
-    if !profile.stale && profile.references.iter().any(|r| r.embedding.len() != dim) {
+    check_loaded(&profile, dim)?;
+    Ok(profile)
+}
+
+/// What a profile read from a file or another replica must hold: every reference an embedding or
+/// a hash, and embeddings of the served model's length unless it is stale.
+fn check_loaded(profile: &Profile, dim: usize) -> Result<(), String> {
+    if let Some(r) = profile.references.iter().find(|r| r.embedding.is_empty() && r.pdq.is_none()) {
+        return Err(format!("reference {:?} has neither an embedding nor a PDQ hash", r.id));
+    }
+    if !profile.stale && profile.references.iter().any(|r| !r.embedding.is_empty() && r.embedding.len() != dim) {
         return Err(format!("embeddings are not {dim} long although made by the model now served"));
     }
-    Ok(profile)
+    Ok(())
 }
 
 /// Moves an unusable profile file aside so that it is kept for inspection but not loaded again.

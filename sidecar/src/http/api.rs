@@ -21,7 +21,7 @@ use crate::matcher;
 use crate::metrics::Route;
 use crate::pdq::{self, Pdq};
 use crate::preprocess::JpegDecode;
-use crate::profiles::{Profile, ProfileError};
+use crate::profiles::{Probe, Profile, ProfileError, Signal, SignalKind};
 use crate::report;
 
 /// Shortest deadline a profile upload gets: it may embed many images.
@@ -107,6 +107,12 @@ async fn embed_image(app: &App, bytes: Bytes, opts: &RequestOptions) -> Result<O
 
 /// Checks headers, reads the image body and embeds it.
 async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Outcome, Instant), ApiError> {
+    let (body, opts, started) = image_request(app, req).await?;
+    Ok((embed_image(app, body, &opts).await?, started))
+}
+
+/// Checks headers and admission, then reads the image body: (body, options, when it started).
+async fn image_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Bytes, RequestOptions, Instant), ApiError> {
     let started = Instant::now();
     if !app.serves() {
         return Err(ApiError::NotReady);
@@ -122,7 +128,7 @@ async fn embed_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Outcom
         return Err(e.into());
     }
     let body = read_body(req, app.config.max_body_bytes).await?;
-    Ok((embed_image(app, body, &opts).await?, started))
+    Ok((body, opts, started))
 }
 
 /// An f32 as the f64 with the same shortest decimal form (0.6, not 0.6000000238418579).
@@ -171,16 +177,21 @@ async fn hash(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> 
     Query::parse(req.uri().query(), &[])?;
     require_image(req.headers())?;
     let body = read_body(req, app.config.max_body_bytes).await?;
-    let full = app.preprocessor.as_ref().clone().with_jpeg_decode(JpegDecode::Full);
-    let (hash, quality) = blocking(move || {
-        let (width, height, rgb) = full.decode_upright(&body).map_err(|e| ApiError::Embed(EmbedError::Image(e)))?;
-        Pdq::of_rgb(width, height, &rgb).ok_or(ApiError::ImageTooSmall { width, height })
-    })
-    .await??;
+    let (hash, quality) = pdq_of(app, body).await?;
     Ok(json(
         StatusCode::OK,
         &json!({"pdq": hash.to_string(), "quality": quality, "usable": quality >= pdq::MIN_MATCH_QUALITY}),
     ))
+}
+
+/// The PDQ hash and quality of an image decoded at full resolution, as partners' lists are made.
+async fn pdq_of(app: &App, body: Bytes) -> Result<(Pdq, u8), ApiError> {
+    let full = app.preprocessor.as_ref().clone().with_jpeg_decode(JpegDecode::Full);
+    blocking(move || {
+        let (width, height, rgb) = full.decode_upright(&body).map_err(|e| ApiError::Embed(EmbedError::Image(e)))?;
+        Pdq::of_rgb(width, height, &rgb).ok_or(ApiError::ImageTooSmall { width, height })
+    })
+    .await?
 }
 
 /// A profile by id; one this replica has not seen yet is looked for among the pool's shared ones.
@@ -214,45 +225,107 @@ fn unit(mut v: Vec<f32>) -> Result<Vec<f32>, ApiError> {
     }
 }
 
+/// Which signals of an image a set of profiles needs.
+#[derive(Debug, Clone, Copy)]
+struct Needs {
+    embedding: bool,
+    pdq: bool,
+}
+
+impl Needs {
+    /// An embedding when a profile has embedding references (or none has anything else, so a
+    /// scan of no profiles still answers as an embedding would), a hash when one has PDQ hashes.
+    fn of<'a>(profiles: impl Iterator<Item = &'a Profile> + Clone) -> Needs {
+        let pdq = profiles.clone().any(Profile::has_pdq);
+        Needs { embedding: !pdq || profiles.clone().any(Profile::has_embeddings), pdq }
+    }
+}
+
+/// An image examined for matching: what the profiles need of it, computed side by side.
+struct Examined {
+    embedding: Option<Vec<f32>>,
+    pdq: Option<(Pdq, u8)>,
+    cache: Option<&'static str>,
+    started: Instant,
+}
+
+impl Examined {
+    fn probe(&self) -> Probe<'_> {
+        Probe { embedding: self.embedding.as_deref(), pdq: self.pdq }
+    }
+}
+
+async fn examine(app: &Arc<App>, req: Request<Incoming>, needs: Needs) -> Result<Examined, ApiError> {
+    let (body, opts, started) = image_request(app, req).await?;
+    let embedding = async {
+        if !needs.embedding {
+            return Ok(None);
+        }
+        let e = embed_image(app, body.clone(), &opts).await?;
+        Ok::<_, ApiError>(Some((unit(e.embedding.to_vec())?, e.cache)))
+    };
+    let hash = async {
+        match needs.pdq {
+            false => Ok(None),
+            // Too small to hash is no error here: the embedding may still match.
+            true => match pdq_of(app, body.clone()).await {
+                Ok(h) => Ok(Some(h)),
+                Err(ApiError::ImageTooSmall { .. }) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    };
+    let (embedding, pdq) = tokio::try_join!(embedding, hash)?;
+    let cache = embedding.as_ref().map(|e| e.1);
+    Ok(Examined { embedding: embedding.map(|e| e.0), pdq, cache, started })
+}
+
 async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let id = Query::parse(req.uri().query(), &["profile"])?.profile()?;
     let profile = usable_profile(app, &id).await?;
-    let (e, started) = embed_request(app, req).await?;
-    let query = unit(e.embedding.to_vec())?;
-    let threshold = profile.threshold.unwrap_or(app.card.card.match_threshold);
-    let (reference, score) = profile.best_match(&query).map_or((None, -1.0), |(r, s)| (Some(r.to_owned()), s));
+    let seen = examine(app, req, Needs::of(std::iter::once(profile.as_ref()))).await?;
+    let default_threshold = app.card.card.match_threshold;
+    let v = profile.judge(&seen.probe(), default_threshold);
     Ok(json(
         StatusCode::OK,
         &json!({
             "profile": id,
-            "matched": score >= threshold,
-            "score": num(score),
-            "reference": reference,
-            "threshold": num(threshold),
-            "cache": e.cache,
-            "latency_ms": ms(started.elapsed()),
+            "matched": v.signal.is_some(),
+            "signal": v.signal,
+            "score": v.score.map(num),
+            "distance": v.distance,
+            "reference": v.reference,
+            "threshold": num(profile.threshold.unwrap_or(default_threshold)),
+            "pdq_distance": profile.pdq_distance(),
+            "cache": seen.cache,
+            "latency_ms": ms(seen.started.elapsed()),
         }),
     ))
 }
 
 async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let top_k = Query::parse(req.uri().query(), &["top_k"])?.top_k()?;
-    let (e, started) = embed_request(app, req).await?;
-    let query = unit(e.embedding.to_vec())?;
-    let default_threshold = app.card.card.match_threshold;
     let profiles = app.profiles.all();
-    let mut matches: Vec<_> = profiles
+    let usable: Vec<&Profile> = profiles.iter().map(Arc::as_ref).filter(|p| !p.is_stale(&app.fingerprint)).collect();
+    let seen = examine(app, req, Needs::of(usable.iter().copied())).await?;
+    let probe = seen.probe();
+    let default_threshold = app.card.card.match_threshold;
+    let mut matches: Vec<_> = usable
         .iter()
-        .filter(|p| !p.is_stale(&app.fingerprint))
         .filter_map(|p| {
-            let threshold = p.threshold.unwrap_or(default_threshold);
-            let (reference, score) = p.best_match(&query)?;
-            (score >= threshold).then(|| {
-                (
-                    score,
-                    json!({"profile": p.id, "reference": reference, "score": num(score), "threshold": num(threshold)}),
-                )
-            })
+            let v = p.judge(&probe, default_threshold);
+            // One order for both signals: the cosine, or for PDQ 1 - distance/128 (1 for the same
+            // hash, 0 for unrelated ones, whose hashes differ in about half their 256 bits).
+            let rank = match v.signal? {
+                SignalKind::Embedding => v.score?,
+                SignalKind::Pdq => 1.0 - v.distance? as f32 / 128.0,
+            };
+            let threshold = num(p.threshold.unwrap_or(default_threshold));
+            Some((
+                rank,
+                json!({"profile": p.id, "reference": v.reference, "signal": v.signal, "score": v.score.map(num),
+                       "distance": v.distance, "threshold": threshold, "pdq_distance": p.pdq_distance()}),
+            ))
         })
         .collect();
     matches.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -262,8 +335,8 @@ async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> 
         &json!({
             "matches": matches.into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
             "profiles_checked": profiles.len(),
-            "cache": e.cache,
-            "latency_ms": ms(started.elapsed()),
+            "cache": seen.cache,
+            "latency_ms": ms(seen.started.elapsed()),
         }),
     ))
 }
@@ -275,7 +348,7 @@ async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result
     let opts = request_options(req.headers(), app.config.default_deadline, PROFILE_UPLOAD_DEADLINE)?;
     let body = read_body(req, app.config.max_body_bytes).await?;
     // Decode everything first so a bad reference costs no inference.
-    let ProfileUpload { threshold, references: pending } = ProfileUpload::parse(&body)?;
+    let ProfileUpload { settings, references: pending } = ProfileUpload::parse(&body)?;
     // Images of one upload are queued together, so they run as one batch.
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (_, source)) in pending.iter().enumerate() {
@@ -293,14 +366,14 @@ async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result
         .into_iter()
         .zip(embedded)
         .map(|((rid, source), e)| match source {
-            Source::Embedding(v) => (rid, v),
-            Source::Image(_) => (rid, e.unwrap_or_default()),
+            Source::Given(signal) => (rid, signal),
+            Source::Image(_) => (rid, Signal::Embedding(e.unwrap_or_default())),
         })
         .collect();
     let (profile, created) = blocking({
         let app = Arc::clone(app);
         let id = id.to_owned();
-        move || app.profiles.put(&id, threshold, refs)
+        move || app.profiles.put(&id, settings, refs)
     })
     .await??;
     let shared = match &app.profile_sync {
@@ -324,13 +397,24 @@ async fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, A
     let references: Vec<_> = p
         .references
         .iter()
-        .map(|r| if with_embeddings { json!({"id": r.id, "embedding": r.embedding}) } else { json!({"id": r.id}) })
+        .map(|r| {
+            let mut out = json!({"id": r.id});
+            if let Some(hash) = &r.pdq {
+                out["pdq"] = json!(hash.to_string());
+                out["quality"] = json!(r.quality);
+            }
+            if with_embeddings && !r.embedding.is_empty() {
+                out["embedding"] = json!(r.embedding);
+            }
+            out
+        })
         .collect();
     Ok(json(
         StatusCode::OK,
         &json!({
             "id": p.id,
             "threshold": num(p.threshold.unwrap_or(app.card.card.match_threshold)),
+            "pdq_distance": p.pdq_distance(),
             "references": references,
             "version": p.version,
             "model": p.model,

@@ -15,7 +15,8 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::embed::{CacheMode, EmbedError, Priority, RequestOptions};
-use crate::profiles::check_id;
+use crate::pdq::Pdq;
+use crate::profiles::{Settings, Signal, check_id};
 
 /// Most results a scan returns.
 pub const MAX_TOP_K: usize = 100;
@@ -161,9 +162,9 @@ pub fn require_image(headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// A `PUT /api/v1/profiles/{id}` body, checked and decoded; nothing has been embedded yet.
 pub struct ProfileUpload {
-    /// The profile's own match threshold, if it sets one.
-    pub threshold: Option<f32>,
-    /// Reference ids with what to embed (or the embedding given), in upload order.
+    /// The profile's own match threshold and PDQ distance, where it sets them.
+    pub settings: Settings,
+    /// Reference ids with what to embed (or the signal given), in upload order.
     pub references: Vec<(String, Source)>,
 }
 
@@ -171,8 +172,8 @@ pub struct ProfileUpload {
 pub enum Source {
     /// Image bytes, decoded from base64, still to be embedded.
     Image(Bytes),
-    /// An embedding computed elsewhere with the same model.
-    Embedding(Vec<f32>),
+    /// An embedding computed elsewhere with the same model, or a PDQ hash from a hash list.
+    Given(Signal),
 }
 
 /// Body of `PUT /api/v1/profiles/{id}`, as sent.
@@ -181,10 +182,13 @@ pub enum Source {
 struct ProfileBody {
     #[serde(default)]
     threshold: Option<f32>,
+    #[serde(default)]
+    pdq_distance: Option<u32>,
     references: Vec<ReferenceBody>,
 }
 
-/// One reference: an image (base64) or an embedding computed elsewhere with the same model.
+/// One reference: an image (base64), an embedding computed elsewhere with the same model, or a
+/// PDQ hash (hex, as hash lists carry it) with its quality if the list gives one.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReferenceBody {
@@ -193,6 +197,10 @@ struct ReferenceBody {
     image_b64: Option<String>,
     #[serde(default)]
     embedding: Option<Vec<f32>>,
+    #[serde(default)]
+    pdq: Option<String>,
+    #[serde(default)]
+    quality: Option<u8>,
 }
 
 impl ProfileUpload {
@@ -202,23 +210,29 @@ impl ProfileUpload {
         let body: ProfileBody = serde_json::from_slice(body).map_err(json_error)?;
         let mut references = Vec::with_capacity(body.references.len());
         for (i, r) in body.references.into_iter().enumerate() {
-            let source = match (r.image_b64, r.embedding) {
-                (Some(b64), None) => base64::engine::general_purpose::STANDARD
+            let invalid = |msg: String| ApiError::InReference(i, Box::new(ApiError::Unprocessable(msg)));
+            if r.quality.is_some() && r.pdq.is_none() {
+                return Err(invalid("quality is the quality of a pdq hash; give it with pdq".to_owned()));
+            }
+            let source = match (r.image_b64, r.embedding, r.pdq) {
+                (Some(b64), None, None) => base64::engine::general_purpose::STANDARD
                     .decode(b64.trim())
                     .map(|b| Source::Image(Bytes::from(b)))
                     .map_err(|e| ApiError::BadBase64 {
                         field: format!("references[{i}].image_b64"),
                         message: e.to_string(),
                     })?,
-                (None, Some(embedding)) => Source::Embedding(embedding),
-                _ => {
-                    let msg = "give exactly one of image_b64 or embedding".to_owned();
-                    return Err(ApiError::InReference(i, Box::new(ApiError::Unprocessable(msg))));
+                (None, Some(embedding), None) => Source::Given(Signal::Embedding(embedding)),
+                (None, None, Some(hex)) => {
+                    let hash = Pdq::from_hex(&hex).map_err(|e| invalid(format!("pdq: {e}")))?;
+                    Source::Given(Signal::Pdq(hash, r.quality))
                 }
+                _ => return Err(invalid("give exactly one of image_b64, embedding or pdq".to_owned())),
             };
             references.push((r.id, source));
         }
-        Ok(ProfileUpload { threshold: body.threshold, references })
+        let settings = Settings { threshold: body.threshold, pdq_distance: body.pdq_distance };
+        Ok(ProfileUpload { settings, references })
     }
 }
 
@@ -294,7 +308,14 @@ mod tests {
         let cases: &[(&str, Result<usize, &str>)] = &[
             (r#"{"references":[{"id":"a","embedding":[1,0]}]}"#, Ok(1)),
             (r#"{"references":[{"id":"a","image_b64":"aGk="},{"id":"b","embedding":[1]}]}"#, Ok(2)),
-            (r#"{"references":[{"id":"a"}]}"#, Err("references[0]: give exactly one of image_b64 or embedding")),
+            (r#"{"references":[{"id":"a"}]}"#, Err("references[0]: give exactly one of image_b64, embedding or pdq")),
+            (
+                r#"{"references":[{"id":"a","pdq":"00ff"}]}"#,
+                Err("references[0]: pdq: a PDQ hash is 64 hex digits, got 4"),
+            ),
+            (r#"{"references":[{"id":"a","embedding":[1],"pdq":"0"}]}"#, Err("give exactly one of")),
+            (r#"{"references":[{"id":"a","embedding":[1],"quality":90}]}"#, Err("give it with pdq")),
+            (r#"{"references":[{"id":"a","pdq":"0","quality":300}]}"#, Err("expected u8")),
             (
                 r#"{"references":[{"id":"a","embedding":[1]},{"id":"b","image_b64":"!"}]}"#,
                 Err("references[1].image_b64"),

@@ -1,5 +1,6 @@
 //! Tests of the profile store: validation, durability across reopen, corrupt files.
 use super::*;
+use crate::pdq::Pdq;
 
 const DIM: usize = 4;
 type Refs = Vec<(String, Vec<f32>)>;
@@ -160,4 +161,94 @@ fn concurrent_writes_to_one_id_get_distinct_versions() {
     versions.sort_unstable();
     assert_eq!(versions, (1..=40).collect::<Vec<_>>());
     assert_eq!(self::store(dir.path()).get("hot").unwrap().version, 40);
+}
+
+fn hash(fill: u16) -> Pdq {
+    Pdq::from_hex(&format!("{fill:04x}").repeat(16)).unwrap()
+}
+
+/// (what, probe, signal that matched, reference named, PDQ distance).
+type JudgeCase<'a> = (&'a str, Probe<'a>, Option<SignalKind>, Option<&'a str>, Option<u32>);
+
+#[test]
+fn pdq_references_are_judged_by_distance_and_quality() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let refs = vec![
+        ("e".to_owned(), Signal::Embedding(vec![1.0, 0.0, 0.0, 0.0])),
+        ("p".to_owned(), Signal::Pdq(hash(0), Some(80))),
+        ("weak".to_owned(), Signal::Pdq(hash(0xffff), Some(49))),
+    ];
+    let settings = Settings { threshold: Some(0.9), pdq_distance: Some(16) };
+    let (profile, _) = store.put("mixed", settings, refs).unwrap();
+    assert!(profile.has_embeddings() && profile.has_pdq());
+    let near = hash(0x0001); // 16 bits from hash(0): one per word
+    let far = hash(0x0003);
+    let probe = |embedding: &'static [f32], pdq: Option<(Pdq, u8)>| Probe { embedding: Some(embedding), pdq };
+    let cases: &[JudgeCase<'_>] = &[
+        (
+            "embedding wins when both match",
+            probe(&[1.0, 0.0, 0.0, 0.0], Some((near, 90))),
+            Some(SignalKind::Embedding),
+            Some("e"),
+            Some(16),
+        ),
+        (
+            "pdq at the bound",
+            probe(&[0.0, 1.0, 0.0, 0.0], Some((near, 90))),
+            Some(SignalKind::Pdq),
+            Some("p"),
+            Some(16),
+        ),
+        ("pdq past the bound", probe(&[0.0, 1.0, 0.0, 0.0], Some((far, 90))), None, Some("e"), Some(32)),
+        ("query hash of low quality", probe(&[0.0, 1.0, 0.0, 0.0], Some((hash(0), 49))), None, Some("e"), None),
+        (
+            "the weak reference is not used",
+            probe(&[0.0, 1.0, 0.0, 0.0], Some((hash(0xffff), 100))),
+            None,
+            Some("e"),
+            Some(256),
+        ),
+        ("no hash", probe(&[0.0, 1.0, 0.0, 0.0], None), None, Some("e"), None),
+    ];
+    for (what, probe, signal, reference, distance) in cases {
+        let v = profile.judge(probe, 0.6);
+        assert_eq!((v.signal, v.reference, v.distance), (*signal, *reference, *distance), "{what}");
+    }
+    let hashes_only = Probe { embedding: None, pdq: Some((near, 90)) };
+    assert_eq!(profile.judge(&hashes_only, 0.6).score, None);
+}
+
+#[test]
+fn hash_profiles_round_trip_and_do_not_go_stale_with_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs = vec![("p".to_owned(), Signal::Pdq(hash(0xabcd), None))];
+    let settings = Settings { threshold: None, pdq_distance: Some(20) };
+    let (written, _) = store(dir.path()).put("list", settings, refs).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("profiles/list.json")).unwrap();
+    assert!(text.contains(&format!("\"pdq\":\"{}\"", "abcd".repeat(16))) && !text.contains("embedding"), "{text}");
+
+    let upgraded = ProfileStore::open(dir.path(), "model-b", 8).unwrap();
+    let read = upgraded.get("list").unwrap();
+    assert!(!read.is_stale("model-b"), "hashes do not depend on the model");
+    assert_eq!((&read.references, read.pdq_distance), (&written.references, Some(20)));
+    let probe = Probe { embedding: None, pdq: Some((hash(0xabcd), 100)) };
+    assert_eq!(read.judge(&probe, 0.6).signal, Some(SignalKind::Pdq));
+}
+
+#[test]
+fn profile_files_from_before_pdq_load_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("profiles")).unwrap();
+    let old = r#"{"id":"old","threshold":null,"references":[{"id":"a","embedding":[1.0,0.0,0.0,0.0]}],"version":3,"model":"model-a","updated_at":1}"#;
+    std::fs::write(dir.path().join("profiles/old.json"), old).unwrap();
+    let empty =
+        r#"{"id":"empty","threshold":null,"references":[{"id":"a"}],"version":1,"model":"model-a","updated_at":1}"#;
+    std::fs::write(dir.path().join("profiles/empty.json"), empty).unwrap();
+    let store = store(dir.path());
+    let p = store.get("old").unwrap();
+    assert_eq!((p.version, p.pdq_distance(), p.has_pdq()), (3, crate::pdq::DEFAULT_MATCH_DISTANCE, false));
+    assert_eq!(p.best_match(&[1.0, 0.0, 0.0, 0.0]), Some(("a", 1.0)));
+    assert!(store.get("empty").is_err(), "a reference with neither signal is refused");
+    assert!(dir.path().join("profiles/empty.json.corrupt").exists(), "and kept aside");
 }
