@@ -8,6 +8,11 @@
 //! it is not sent: a reconcile of an unchanged pool costs the API server no request, and one of a
 //! changed pool sends only the children that change.
 //!
+//! The store may also still show the child as it was just before that apply (its watch event has
+//! not arrived yet when the next reconcile starts). That object is older than the operator's write,
+//! not a change by someone else (anyone else's write would carry a new resourceVersion), so it
+//! does not make the operator apply the same object again.
+//!
 //! The Event wording ("Created", "Updated", nothing) compares the store's resourceVersion before
 //! the apply with the one the apply returns. Because the store may not have seen the operator's
 //! own previous write yet, the resourceVersion that write returned counts as "before" too.
@@ -67,31 +72,54 @@ struct Applied {
     digest: [u8; 32],
     /// The child's resourceVersion after the apply.
     resource_version: String,
+    /// The resourceVersion the store showed when the apply was sent (none: not in the store).
+    replaced: Option<String>,
     /// The child's generation after the apply, for kinds that have one.
     generation: Option<i64>,
     /// Digest of the child's labels, annotations and owners after the apply.
     metadata: [u8; 32],
+    /// The child the apply returned, for a reconcile whose store has not caught up with it.
+    object: Arc<serde_json::Value>,
 }
 
 impl Applied {
-    fn of<K: Resource>(object: &K, digest: [u8; 32]) -> Result<Self> {
+    fn of<K: Resource + Serialize>(object: &K, digest: [u8; 32], replaced: Option<String>) -> Result<Self> {
         let meta = object.meta();
         Ok(Self {
             digest,
             resource_version: meta.resource_version.clone().unwrap_or_default(),
+            replaced,
             generation: meta.generation,
             metadata: metadata_digest(object)?,
+            object: Arc::new(serde_json::to_value(object).map_err(|e| Error::Serialize("a child", e))?),
         })
     }
 
-    /// Whether `stored` is the child as this apply left it, as far as the operator wrote it.
-    fn left_as_is<K: Resource>(&self, stored: &K) -> Result<bool> {
+    /// What `stored` is to this apply.
+    fn compare<K: Resource>(&self, stored: &K) -> Result<Seen> {
         let meta = stored.meta();
-        if meta.resource_version.as_ref() == Some(&self.resource_version) {
-            return Ok(true);
+        let rv = meta.resource_version.as_ref();
+        if rv == Some(&self.resource_version) {
+            return Ok(Seen::AsLeft);
         }
-        Ok(self.generation.is_some() && meta.generation == self.generation && metadata_digest(stored)? == self.metadata)
+        if rv.is_some() && rv == self.replaced.as_ref() {
+            return Ok(Seen::Before);
+        }
+        let kept = self.generation.is_some()
+            && meta.generation == self.generation
+            && metadata_digest(stored)? == self.metadata;
+        Ok(if kept { Seen::AsLeft } else { Seen::Changed })
     }
+}
+
+/// What the store shows of a child, compared with the operator's last apply of it.
+enum Seen {
+    /// The child as that apply left it, as far as the operator wrote it.
+    AsLeft,
+    /// The object that apply replaced: the store has not seen the apply yet.
+    Before,
+    /// Something else: a later change, or a child the store saw deleted and made again.
+    Changed,
 }
 
 fn digest(value: &impl Serialize) -> Result<[u8; 32]> {
@@ -170,15 +198,21 @@ where
     let last = ctx.written.with(pool, |w| w.children.get(&kind).cloned());
     if let (Some(stored), Some(last)) = (&stored, &last)
         && last.digest == desired
-        && last.left_as_is(stored.as_ref())?
     {
-        return Ok(K::clone(stored));
+        match last.compare(stored.as_ref())? {
+            Seen::AsLeft => return Ok(K::clone(stored)),
+            Seen::Before => {
+                let object = K::deserialize(last.object.as_ref()).map_err(|e| Error::Serialize("a child", e))?;
+                return Ok(object);
+            }
+            Seen::Changed => {}
+        }
     }
 
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let after = api.patch(&name, &params, &Patch::Apply(child)).await?;
-    let written = Applied::of(&after, desired)?;
+    let written = Applied::of(&after, desired, stored_rv.clone())?;
     let after_rv = &written.resource_version;
     let outcome =
         if stored_rv.as_ref() == Some(after_rv) || last.as_ref().is_some_and(|l| l.resource_version == *after_rv) {
@@ -226,4 +260,63 @@ pub async fn ensure_admin_secret(ctx: &Context, pool: &InferencePool, namespace:
     }
     ctx.written.with(pool, |w| w.secret_seen = Some(Instant::now()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn meta(rv: &str, generation: Option<i64>, label: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some("pool".into()),
+            resource_version: Some(rv.into()),
+            generation,
+            labels: Some([("app".to_owned(), label.to_owned())].into()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn seen<K: Resource + Serialize>(applied: &K, replaced: Option<&str>, stored: &K) -> &'static str {
+        let last = Applied::of(applied, [7; 32], replaced.map(str::to_owned)).unwrap();
+        match last.compare(stored).unwrap() {
+            Seen::AsLeft => "as left",
+            Seen::Before => "before",
+            Seen::Changed => "changed",
+        }
+    }
+
+    #[test]
+    fn a_store_behind_the_last_apply_is_told_from_a_change() {
+        let map = |rv, label| ConfigMap { metadata: meta(rv, None, label), ..ConfigMap::default() };
+        let deployment =
+            |rv, generation, label| Deployment { metadata: meta(rv, generation, label), ..Deployment::default() };
+        let applied = deployment("12", Some(2), "a");
+        type Case = (&'static str, Option<&'static str>, Deployment, &'static str);
+        let cases: [Case; 5] = [
+            ("the store shows the apply's result", Some("10"), deployment("12", Some(2), "a"), "as left"),
+            (
+                "a status write since (same generation and metadata)",
+                Some("10"),
+                deployment("15", Some(2), "a"),
+                "as left",
+            ),
+            ("the store still shows what the apply replaced", Some("10"), deployment("10", Some(1), "a"), "before"),
+            ("someone changed the spec since", Some("10"), deployment("15", Some(3), "a"), "changed"),
+            ("someone changed a label since", Some("10"), deployment("15", Some(2), "b"), "changed"),
+        ];
+        for (case, replaced, stored, want) in cases {
+            assert_eq!(seen(&applied, replaced, &stored), want, "{case}");
+        }
+        // Kinds without a generation: only resourceVersions tell.
+        let applied = map("12", "a");
+        assert_eq!(seen(&applied, Some("10"), &map("12", "a")), "as left");
+        assert_eq!(seen(&applied, Some("10"), &map("10", "a")), "before");
+        assert_eq!(seen(&applied, Some("10"), &map("15", "a")), "changed");
+        // A create replaced nothing: an object in the store that is not the apply's is a change.
+        assert_eq!(seen(&applied, None, &map("10", "a")), "changed");
+    }
 }
