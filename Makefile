@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .cache/venv/bin
 CARGO ?= cargo
 
-.PHONY: setup run run-sidecar test fuzz soak lint fmt crd bench bench-sidecar bench-cache bench-autoscaling bench-pipeline model clean-model autoscaling-plots
+.PHONY: setup run run-sidecar test fuzz soak lint fmt crd bench bench-sidecar bench-cache bench-autoscaling bench-pipeline eval-copies model clean-model autoscaling-plots
 
 ## setup: ONNX Runtime library, Python tools, redis-server, the default model (idempotent)
 setup:
@@ -63,6 +63,12 @@ bench-pipeline: setup
 ## bench-autoscaling: operator CPU/RSS with 100 pools, SLA breach -> decision -> ready replica; report in docs/benchmarks/autoscaling.md
 bench-autoscaling: setup
 	scripts/bench-autoscaling.sh
+
+## eval-copies: recall per copy transform and false-match rate of a release sidecar on photos apart from the threshold's; report in docs/models.md
+eval-copies: setup
+	$(CARGO) build --release -p inferpool-sidecar --bin inferpool-sidecar
+	$(VENV)/python scripts/eval_copies.py --mode robust --out docs/benchmarks/copies-robust.json
+	$(VENV)/python scripts/eval_copies.py --mode global --out docs/benchmarks/copies-global.json
 
 ## model: regenerate the default model's variants (after changing convert.py)
 model: setup

@@ -15,6 +15,7 @@ pub mod config;
 pub mod embed;
 pub mod engine;
 pub mod http;
+pub mod keypoints;
 pub mod labels;
 pub mod matcher;
 pub mod metrics;

@@ -29,8 +29,24 @@ pub struct ModelCard {
     pub similarity: Similarity,
     /// Score at or above which an image matches a reference, unless a profile sets its own.
     pub match_threshold: f32,
+    /// Robust matching: how embedding scores and keypoint verification combine (absent: every
+    /// request matches by the embedding alone, as `mode=global` does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
     /// Variant files keyed by precision.
     pub variants: Variants,
+}
+
+/// How robust matching decides, per reference with keypoints (docs/model-card.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    /// A score at or above this (or the profile's threshold, when higher) matches by itself.
+    pub direct: f32,
+    /// Below `direct`, a reference scoring at least this is checked by its keypoints.
+    pub floor: f32,
+    /// Keypoints agreeing with one similarity transform that make a checked reference a match.
+    pub min_inliers: u32,
 }
 
 /// The model input: tensor name, layout, size and pixel normalisation.
@@ -311,6 +327,14 @@ impl ModelCard {
         }
         if !(-1.0..=1.0).contains(&self.match_threshold) {
             p.push(format!("match_threshold {} must be within -1..=1 for cosine", self.match_threshold));
+        }
+        if let Some(v) = &self.verification
+            && (!(-1.0..=1.0).contains(&v.floor) || !(v.floor..=1.0).contains(&v.direct) || v.min_inliers < 3)
+        {
+            p.push(format!(
+                "verification needs -1 <= floor <= direct <= 1 and min_inliers >= 3, got floor {}, direct {}, min_inliers {}",
+                v.floor, v.direct, v.min_inliers
+            ));
         }
         let v = &self.variants;
         if v.fp32.is_none() && v.fp16.is_none() && v.int8.is_none() {

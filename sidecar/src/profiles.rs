@@ -28,13 +28,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use serde::{Deserialize, Serialize};
 
+use crate::keypoints::Keypoints;
 use crate::matcher;
 use crate::pdq::{self, Pdq};
 
 mod matching;
 pub mod sync;
 
-pub use matching::{Probe, SignalKind, Verdict};
+pub use matching::{MAX_CHECKED, Mode, Probe, Rules, SignalKind, Verdict};
 
 /// Most references one profile may hold.
 pub const MAX_REFERENCES: usize = 10_000;
@@ -110,6 +111,10 @@ pub struct Reference {
     /// The hash's quality (0-100) when the list gives it; under 50 the hash is kept but not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<u8>,
+    /// The image's keypoints, for robust matching; none for a reference given as an embedding or
+    /// a hash, or written before keypoints existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keypoints: Option<Keypoints>,
 }
 
 /// What a reference of a new profile brings.
@@ -117,6 +122,8 @@ pub struct Reference {
 pub enum Signal {
     /// An embedding, normalised by the store.
     Embedding(Vec<f32>),
+    /// An uploaded image's embedding and keypoints.
+    Image(Vec<f32>, Keypoints),
     /// A PDQ hash, with its quality when known.
     Pdq(Pdq, Option<u8>),
 }
@@ -415,13 +422,14 @@ fn validate_references<S: Into<Signal>>(refs: Vec<(String, S)>, dim: usize) -> R
         if let Some(first) = seen.insert(id.clone(), i) {
             return Err(ProfileError::Invalid(format!("references[{i}].id {id:?} repeats references[{first}].id")));
         }
-        let mut embedding = match signal.into() {
-            Signal::Embedding(embedding) => embedding,
+        let (mut embedding, keypoints) = match signal.into() {
+            Signal::Embedding(embedding) => (embedding, None),
+            Signal::Image(embedding, keypoints) => (embedding, Some(keypoints)),
             Signal::Pdq(_, Some(q)) if q > 100 => {
                 return Err(ProfileError::Invalid(format!("references[{i}].quality {q} must be within 0..=100")));
             }
             Signal::Pdq(hash, quality) => {
-                out.push(Reference { id, embedding: Vec::new(), pdq: Some(hash), quality });
+                out.push(Reference { id, embedding: Vec::new(), pdq: Some(hash), quality, keypoints: None });
                 continue;
             }
         };
@@ -434,7 +442,7 @@ fn validate_references<S: Into<Signal>>(refs: Vec<(String, S)>, dim: usize) -> R
         if !matcher::normalize(&mut embedding) {
             return Err(ProfileError::Invalid(format!("references[{i}].embedding ({id:?}) is all zeros")));
         }
-        out.push(Reference { id, embedding, pdq: None, quality: None });
+        out.push(Reference { id, embedding, pdq: None, quality: None, keypoints });
     }
     Ok(out)
 }

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use http::{Method, StatusCode};
 use inferpool_crds::SlaReport;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn every_route_answers_its_happy_path() {
@@ -35,7 +35,10 @@ async fn every_route_answers_its_happy_path() {
     assert_eq!((r.status, r.json()["version"].as_u64()), (StatusCode::OK, Some(2)));
     assert_eq!(r.json()["references"], 2);
     let p = get(&url).await.json();
-    assert_eq!(p["references"], json!([{"id": "chelsea"}, {"id": "coffee"}]));
+    let ids: Vec<&Value> = p["references"].as_array().unwrap().iter().map(|r| &r["id"]).collect();
+    assert_eq!(ids, [&json!("chelsea"), &json!("coffee")]);
+    assert!(p["references"].as_array().unwrap().iter().all(|r| r["keypoints"].as_u64() > Some(100)), "{p}");
+    assert_eq!(p["without_keypoints"], 0);
     assert_eq!(p["stale"], false);
     let with = get(&format!("{url}?include=embeddings")).await.json();
     assert_eq!(with["references"][0]["embedding"].as_array().unwrap().len(), 1280);

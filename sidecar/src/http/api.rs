@@ -13,19 +13,18 @@ use hyper::body::Incoming;
 use inferpool_crds::wire;
 use serde_json::json;
 
-use super::parse::{ProfileUpload, Query, Source, request_options, require_content_type, require_image};
+use super::parse::{Query, request_options, require_image};
+use super::profiles;
 use super::{ApiError, Resp, Routed, blocking, discard_body, json, read_body, text};
 use crate::app::App;
 use crate::embed::{EmbedError, Outcome, RequestOptions};
+use crate::keypoints::{self, Keypoints};
 use crate::matcher;
 use crate::metrics::Route;
 use crate::pdq::{self, Pdq};
-use crate::preprocess::JpegDecode;
-use crate::profiles::{Probe, Profile, ProfileError, Signal, SignalKind};
+use crate::preprocess::{JpegDecode, Preprocessor};
+use crate::profiles::{Probe, Profile, ProfileError, Rules, SignalKind, Verdict};
 use crate::report;
-
-/// Shortest deadline a profile upload gets: it may embed many images.
-const PROFILE_UPLOAD_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The route a path on the public listener belongs to.
 pub fn route_of(path: &str) -> Route {
@@ -49,9 +48,9 @@ pub async fn route(app: &Arc<App>, req: Request<Incoming>) -> Routed {
     if let Some(id) = path.strip_prefix(wire::PROFILES_PREFIX) {
         let id = id.to_owned();
         let result = match method {
-            Method::PUT => put_profile(app, &id, req).await,
-            Method::GET => get_profile(app, &id, req.uri().query()).await,
-            Method::DELETE => delete_profile(app, &id, req.uri().query()).await,
+            Method::PUT => profiles::put(app, &id, req).await,
+            Method::GET => profiles::get(app, &id, req.uri().query()).await,
+            Method::DELETE => profiles::delete(app, &id, req.uri().query()).await,
             m => Err(ApiError::MethodNotAllowed(m.to_string())),
         };
         return (Route::Profiles, result);
@@ -100,7 +99,7 @@ pub fn metrics_text(app: &App) -> Resp {
 }
 
 /// The embedding of an image, through the request pipeline of the loaded model.
-async fn embed_image(app: &App, bytes: Bytes, opts: &RequestOptions) -> Result<Outcome, ApiError> {
+pub(super) async fn embed_image(app: &App, bytes: Bytes, opts: &RequestOptions) -> Result<Outcome, ApiError> {
     let pipeline = app.pipeline().ok_or(ApiError::NotReady)?;
     Ok(pipeline.embed(bytes, opts).await?)
 }
@@ -132,7 +131,7 @@ async fn image_request(app: &Arc<App>, req: Request<Incoming>) -> Result<(Bytes,
 }
 
 /// An f32 as the f64 with the same shortest decimal form (0.6, not 0.6000000238418579).
-fn num(x: f32) -> f64 {
+pub(super) fn num(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(f64::NAN)
 }
 
@@ -187,15 +186,37 @@ async fn hash(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> 
 /// The PDQ hash and quality of an image decoded at full resolution, as partners' lists are made.
 async fn pdq_of(app: &App, body: Bytes) -> Result<(Pdq, u8), ApiError> {
     let full = app.preprocessor.as_ref().clone().with_jpeg_decode(JpegDecode::Full);
+    decoded(full, body, |width, height, rgb| {
+        Pdq::of_rgb(width, height, rgb).ok_or(ApiError::ImageTooSmall { width, height })
+    })
+    .await
+}
+
+/// The keypoints of an image (none for one too small or too flat to have any). A large JPEG is
+/// decoded at the smallest DCT scale that keeps both sides at [`keypoints::LONG_SIDE`] or more,
+/// as the model's input is (with `--jpeg-decode full`, always at full size).
+pub(super) async fn keypoints_of(app: &App, body: Bytes) -> Result<Keypoints, ApiError> {
+    let side = keypoints::LONG_SIDE;
+    let input = crate::model::InputSpec { width: side, height: side, ..app.card.card.input.clone() };
+    let decoder = Preprocessor::new(input, app.config.max_pixels).with_jpeg_decode(app.config.jpeg_decode);
+    decoded(decoder, body, |width, height, rgb| Ok(Keypoints::of_rgb(width, height, rgb))).await
+}
+
+/// Runs `f` on the image as `decoder` decodes it, on the blocking pool.
+async fn decoded<T: Send + 'static>(
+    decoder: Preprocessor,
+    body: Bytes,
+    f: impl FnOnce(u32, u32, &[u8]) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     blocking(move || {
-        let (width, height, rgb) = full.decode_upright(&body).map_err(|e| ApiError::Embed(EmbedError::Image(e)))?;
-        Pdq::of_rgb(width, height, &rgb).ok_or(ApiError::ImageTooSmall { width, height })
+        let (width, height, rgb) = decoder.decode_upright(&body).map_err(|e| ApiError::Embed(EmbedError::Image(e)))?;
+        f(width, height, &rgb)
     })
     .await?
 }
 
 /// A profile by id; one this replica has not seen yet is looked for among the pool's shared ones.
-async fn find_profile(app: &App, id: &str) -> Result<Arc<Profile>, ApiError> {
+pub(super) async fn find_profile(app: &App, id: &str) -> Result<Arc<Profile>, ApiError> {
     match (app.profiles.get(id), &app.profile_sync) {
         (Err(ProfileError::NotFound(_)), Some(sync)) => {
             if let Err(e) = sync.pull().await {
@@ -241,18 +262,43 @@ impl Needs {
     }
 }
 
-/// An image examined for matching: what the profiles need of it, computed side by side.
+/// An image examined for matching: what the profiles need of it, computed side by side, and the
+/// image itself for keypoints when a verdict asks for them.
 struct Examined {
+    body: Bytes,
     embedding: Option<Vec<f32>>,
     pdq: Option<(Pdq, u8)>,
+    keypoints: Option<Keypoints>,
     cache: Option<&'static str>,
     started: Instant,
 }
 
 impl Examined {
     fn probe(&self) -> Probe<'_> {
-        Probe { embedding: self.embedding.as_deref(), pdq: self.pdq }
+        Probe { embedding: self.embedding.as_deref(), pdq: self.pdq, keypoints: self.keypoints.as_ref() }
     }
+
+    /// Judges the image against `profiles`; when some verdict needs the image's keypoints, they
+    /// are computed (once, for all the profiles) and the profiles judged again.
+    async fn judge<'p>(
+        &mut self,
+        app: &App,
+        profiles: &[&'p Profile],
+        rules: &Rules,
+    ) -> Result<Vec<Verdict<'p>>, ApiError> {
+        let verdicts: Vec<Verdict<'p>> = profiles.iter().map(|p| p.judge(&self.probe(), rules)).collect();
+        if !verdicts.iter().any(|v| v.needs_keypoints) {
+            return Ok(verdicts);
+        }
+        self.keypoints = Some(keypoints_of(app, self.body.clone()).await?);
+        Ok(profiles.iter().map(|p| p.judge(&self.probe(), rules)).collect())
+    }
+}
+
+/// The matching rules of a request.
+fn rules(app: &App, query: &Query<'_>) -> Result<Rules, ApiError> {
+    let card = &app.card.card;
+    Ok(Rules { threshold: card.match_threshold, verification: card.verification, mode: query.mode()? })
 }
 
 async fn examine(app: &Arc<App>, req: Request<Incoming>, needs: Needs) -> Result<Examined, ApiError> {
@@ -277,15 +323,15 @@ async fn examine(app: &Arc<App>, req: Request<Incoming>, needs: Needs) -> Result
     };
     let (embedding, pdq) = tokio::try_join!(embedding, hash)?;
     let cache = embedding.as_ref().map(|e| e.1);
-    Ok(Examined { embedding: embedding.map(|e| e.0), pdq, cache, started })
+    Ok(Examined { body, embedding: embedding.map(|e| e.0), pdq, keypoints: None, cache, started })
 }
 
 async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let id = Query::parse(req.uri().query(), &["profile"])?.profile()?;
+    let query = Query::parse(req.uri().query(), &["profile", "mode"])?;
+    let (id, rules) = (query.profile()?, rules(app, &query)?);
     let profile = usable_profile(app, &id).await?;
-    let seen = examine(app, req, Needs::of(std::iter::once(profile.as_ref()))).await?;
-    let default_threshold = app.card.card.match_threshold;
-    let v = profile.judge(&seen.probe(), default_threshold);
+    let mut seen = examine(app, req, Needs::of(std::iter::once(profile.as_ref()))).await?;
+    let v = seen.judge(app, &[profile.as_ref()], &rules).await?.remove(0);
     Ok(json(
         StatusCode::OK,
         &json!({
@@ -294,9 +340,11 @@ async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, A
             "signal": v.signal,
             "score": v.score.map(num),
             "distance": v.distance,
+            "inliers": v.inliers,
             "reference": v.reference,
-            "threshold": num(profile.threshold.unwrap_or(default_threshold)),
+            "threshold": num(profile.threshold.unwrap_or(rules.threshold)),
             "pdq_distance": profile.pdq_distance(),
+            "mode": rules.mode,
             "cache": seen.cache,
             "latency_ms": ms(seen.started.elapsed()),
         }),
@@ -304,27 +352,28 @@ async fn match_profile(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, A
 }
 
 async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let top_k = Query::parse(req.uri().query(), &["top_k"])?.top_k()?;
+    let query = Query::parse(req.uri().query(), &["top_k", "mode"])?;
+    let (top_k, rules) = (query.top_k()?, rules(app, &query)?);
     let profiles = app.profiles.all();
     let usable: Vec<&Profile> = profiles.iter().map(Arc::as_ref).filter(|p| !p.is_stale(&app.fingerprint)).collect();
-    let seen = examine(app, req, Needs::of(usable.iter().copied())).await?;
-    let probe = seen.probe();
-    let default_threshold = app.card.card.match_threshold;
+    let mut seen = examine(app, req, Needs::of(usable.iter().copied())).await?;
+    let verdicts = seen.judge(app, &usable, &rules).await?;
     let mut matches: Vec<_> = usable
         .iter()
-        .filter_map(|p| {
-            let v = p.judge(&probe, default_threshold);
-            // One order for both signals: the cosine, or for PDQ 1 - distance/128 (1 for the same
+        .zip(verdicts)
+        .filter_map(|(p, v)| {
+            // One order for every signal: the cosine, or for PDQ 1 - distance/128 (1 for the same
             // hash, 0 for unrelated ones, whose hashes differ in about half their 256 bits).
             let rank = match v.signal? {
-                SignalKind::Embedding => v.score?,
+                SignalKind::Embedding | SignalKind::Keypoints => v.score?,
                 SignalKind::Pdq => 1.0 - v.distance? as f32 / 128.0,
             };
-            let threshold = num(p.threshold.unwrap_or(default_threshold));
+            let threshold = num(p.threshold.unwrap_or(rules.threshold));
             Some((
                 rank,
                 json!({"profile": p.id, "reference": v.reference, "signal": v.signal, "score": v.score.map(num),
-                       "distance": v.distance, "threshold": threshold, "pdq_distance": p.pdq_distance()}),
+                       "distance": v.distance, "inliers": v.inliers, "threshold": threshold,
+                       "pdq_distance": p.pdq_distance()}),
             ))
         })
         .collect();
@@ -335,106 +384,9 @@ async fn scan(app: &Arc<App>, req: Request<Incoming>) -> Result<Resp, ApiError> 
         &json!({
             "matches": matches.into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
             "profiles_checked": profiles.len(),
+            "mode": rules.mode,
             "cache": seen.cache,
             "latency_ms": ms(seen.started.elapsed()),
         }),
     ))
-}
-
-async fn put_profile(app: &Arc<App>, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    crate::profiles::check_id(id)?;
-    require_content_type(req.headers(), &["application/json"], "application/json")?;
-    Query::parse(req.uri().query(), &[])?;
-    let opts = request_options(req.headers(), app.config.default_deadline, PROFILE_UPLOAD_DEADLINE)?;
-    let body = read_body(req, app.config.max_body_bytes).await?;
-    // Decode everything first so a bad reference costs no inference.
-    let ProfileUpload { settings, references: pending } = ProfileUpload::parse(&body)?;
-    // Images of one upload are queued together, so they run as one batch.
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, (_, source)) in pending.iter().enumerate() {
-        if let Source::Image(bytes) = source {
-            let (app, bytes) = (Arc::clone(app), bytes.clone());
-            tasks.spawn(async move { (i, embed_image(&app, bytes, &opts).await) });
-        }
-    }
-    let mut embedded = vec![None; pending.len()];
-    while let Some(joined) = tasks.join_next().await {
-        let (i, result) = joined.map_err(|e| ApiError::Internal(e.to_string()))?;
-        embedded[i] = Some(result.map_err(|e| ApiError::InReference(i, Box::new(e)))?.embedding.to_vec());
-    }
-    let refs = pending
-        .into_iter()
-        .zip(embedded)
-        .map(|((rid, source), e)| match source {
-            Source::Given(signal) => (rid, signal),
-            Source::Image(_) => (rid, Signal::Embedding(e.unwrap_or_default())),
-        })
-        .collect();
-    let (profile, created) = blocking({
-        let app = Arc::clone(app);
-        let id = id.to_owned();
-        move || app.profiles.put(&id, settings, refs)
-    })
-    .await??;
-    let shared = match &app.profile_sync {
-        None => false,
-        Some(sync) => sync
-            .publish(&profile)
-            .await
-            .inspect_err(|e| tracing::warn!(id, error = %e, "profile kept locally only; published on the next sync"))
-            .is_ok(),
-    };
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(json(
-        status,
-        &json!({"id": profile.id, "references": profile.references.len(), "version": profile.version, "shared": shared}),
-    ))
-}
-
-async fn get_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
-    let with_embeddings = Query::parse(query, &["include"])?.include_embeddings()?;
-    let p = find_profile(app, id).await?;
-    let references: Vec<_> = p
-        .references
-        .iter()
-        .map(|r| {
-            let mut out = json!({"id": r.id});
-            if let Some(hash) = &r.pdq {
-                out["pdq"] = json!(hash.to_string());
-                out["quality"] = json!(r.quality);
-            }
-            if with_embeddings && !r.embedding.is_empty() {
-                out["embedding"] = json!(r.embedding);
-            }
-            out
-        })
-        .collect();
-    Ok(json(
-        StatusCode::OK,
-        &json!({
-            "id": p.id,
-            "threshold": num(p.threshold.unwrap_or(app.card.card.match_threshold)),
-            "pdq_distance": p.pdq_distance(),
-            "references": references,
-            "version": p.version,
-            "model": p.model,
-            "stale": p.is_stale(&app.fingerprint),
-            "updated_at": p.updated_at,
-        }),
-    ))
-}
-
-async fn delete_profile(app: &App, id: &str, query: Option<&str>) -> Result<Resp, ApiError> {
-    crate::profiles::check_id(id)?;
-    Query::parse(query, &[])?;
-    find_profile(app, id).await?;
-    let store = Arc::clone(&app.profiles);
-    let owned = id.to_owned();
-    blocking(move || store.delete(&owned)).await??;
-    if let Some(sync) = &app.profile_sync
-        && let Err(e) = sync.publish_delete(id).await
-    {
-        tracing::warn!(id, error = %e, "profile deleted locally only; other replicas keep it until Redis is back");
-    }
-    Ok(json(StatusCode::OK, &json!({"id": id, "deleted": true})))
 }

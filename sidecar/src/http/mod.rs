@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api;
 pub mod error;
 pub mod parse;
+mod profiles;
 pub mod request_id;
 
 use std::convert::Infallible;

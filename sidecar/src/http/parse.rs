@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::ApiError;
 use crate::embed::{CacheMode, EmbedError, Priority, RequestOptions};
 use crate::pdq::Pdq;
-use crate::profiles::{Settings, Signal, check_id};
+use crate::profiles::{Mode, Settings, Signal, check_id};
 
 /// Most results a scan returns.
 pub const MAX_TOP_K: usize = 100;
@@ -72,6 +72,12 @@ impl<'a> Query<'a> {
             name: "top_k",
             message: format!("{v:?}: expected a whole number in 1..={MAX_TOP_K}"),
         })
+    }
+
+    /// `mode`: `robust` (the default) or `global`.
+    pub fn mode(&self) -> Result<Mode, ApiError> {
+        self.get("mode")
+            .map_or(Ok(Mode::default()), |v| v.parse().map_err(|message| ApiError::BadQuery { name: "mode", message }))
     }
 
     /// `include=embeddings`: whether a profile is answered with its reference embeddings.
@@ -290,6 +296,12 @@ mod tests {
         assert_eq!(include("include=embeddings"), Some(true));
         assert_eq!(include("include=all"), None);
         assert!(Query::parse(Some("a=1"), &[]).is_err(), "a route without parameters refuses one");
+        let mode = |raw: &str| Query::parse(Some(raw), &["mode"]).and_then(|q| q.mode()).ok();
+        assert_eq!(mode(""), Some(Mode::Robust));
+        assert_eq!(mode("mode=global"), Some(Mode::Global));
+        assert_eq!(mode("mode=robust"), Some(Mode::Robust));
+        assert_eq!(mode("mode=Global"), None);
+        assert_eq!(mode("mode=regional"), None);
     }
 
     #[test]

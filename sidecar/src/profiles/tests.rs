@@ -3,6 +3,8 @@ use super::*;
 use crate::pdq::Pdq;
 
 const DIM: usize = 4;
+/// The embedding alone against 0.6, as before robust matching.
+const GLOBAL: Rules = Rules { threshold: 0.6, verification: None, mode: Mode::Global };
 type Refs = Vec<(String, Vec<f32>)>;
 
 fn refs(list: &[(&str, [f32; DIM])]) -> Refs {
@@ -184,7 +186,8 @@ fn pdq_references_are_judged_by_distance_and_quality() {
     assert!(profile.has_embeddings() && profile.has_pdq());
     let near = hash(0x0001); // 16 bits from hash(0): one per word
     let far = hash(0x0003);
-    let probe = |embedding: &'static [f32], pdq: Option<(Pdq, u8)>| Probe { embedding: Some(embedding), pdq };
+    let probe =
+        |embedding: &'static [f32], pdq: Option<(Pdq, u8)>| Probe { embedding: Some(embedding), pdq, keypoints: None };
     let cases: &[JudgeCase<'_>] = &[
         (
             "embedding wins when both match",
@@ -212,11 +215,11 @@ fn pdq_references_are_judged_by_distance_and_quality() {
         ("no hash", probe(&[0.0, 1.0, 0.0, 0.0], None), None, Some("e"), None),
     ];
     for (what, probe, signal, reference, distance) in cases {
-        let v = profile.judge(probe, 0.6);
+        let v = profile.judge(probe, &GLOBAL);
         assert_eq!((v.signal, v.reference, v.distance), (*signal, *reference, *distance), "{what}");
     }
-    let hashes_only = Probe { embedding: None, pdq: Some((near, 90)) };
-    assert_eq!(profile.judge(&hashes_only, 0.6).score, None);
+    let hashes_only = Probe { embedding: None, pdq: Some((near, 90)), keypoints: None };
+    assert_eq!(profile.judge(&hashes_only, &GLOBAL).score, None);
 }
 
 #[test]
@@ -232,8 +235,8 @@ fn hash_profiles_round_trip_and_do_not_go_stale_with_the_model() {
     let read = upgraded.get("list").unwrap();
     assert!(!read.is_stale("model-b"), "hashes do not depend on the model");
     assert_eq!((&read.references, read.pdq_distance), (&written.references, Some(20)));
-    let probe = Probe { embedding: None, pdq: Some((hash(0xabcd), 100)) };
-    assert_eq!(read.judge(&probe, 0.6).signal, Some(SignalKind::Pdq));
+    let probe = Probe { embedding: None, pdq: Some((hash(0xabcd), 100)), keypoints: None };
+    assert_eq!(read.judge(&probe, &GLOBAL).signal, Some(SignalKind::Pdq));
 }
 
 #[test]
