@@ -20,7 +20,8 @@ fn rgb(name: &str) -> RgbImage {
 }
 
 fn profile() -> Value {
-    let images: Vec<(&str, Vec<u8>)> = PROTECTED.iter().map(|n| (*n, jpeg(&DynamicImage::ImageRgb8(rgb(n)), 90))).collect();
+    let images: Vec<(&str, Vec<u8>)> =
+        PROTECTED.iter().map(|n| (*n, jpeg(&DynamicImage::ImageRgb8(rgb(n)), 90))).collect();
     let refs: Vec<(&str, &[u8])> = images.iter().map(|(n, b)| (*n, b.as_slice())).collect();
     profile_body(&refs)
 }
@@ -72,10 +73,12 @@ async fn heavy_copies_the_embedding_misses_are_found_by_keypoints_and_other_phot
     }
     let scan = post_image(&server.url("/api/v1/scan?top_k=5"), &copies()[2].2).await.json();
     assert_eq!((scan["mode"].as_str(), scan["matches"][0]["signal"].as_str()), (Some("robust"), Some("keypoints")));
-    assert!(post_image(&server.url("/api/v1/scan?mode=global"), &copies()[2].2).await.json()["matches"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert!(
+        post_image(&server.url("/api/v1/scan?mode=global"), &copies()[2].2).await.json()["matches"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
