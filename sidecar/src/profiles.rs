@@ -34,6 +34,9 @@ use crate::pdq::{self, Pdq};
 
 mod matching;
 pub mod sync;
+mod validate;
+
+use validate::validate_references;
 
 pub use matching::{MAX_CHECKED, Mode, Probe, Rules, SignalKind, Verdict};
 
@@ -230,7 +233,16 @@ impl ProfileStore {
             }
         }
         let stale = profiles.values().filter(|p| p.stale).count();
-        tracing::info!(dir = %dir.display(), profiles = profiles.len(), stale, "loaded profiles");
+        let unverifiable = profiles.values().filter(|p| p.without_keypoints() > 0).count();
+        tracing::info!(dir = %dir.display(), profiles = profiles.len(), stale, unverifiable, "loaded profiles");
+        if unverifiable > 0 {
+            tracing::warn!(
+                profiles = unverifiable,
+                "profiles with references that have no keypoints (given as embeddings, or written before \
+                 keypoints existed) match those by the embedding alone; upload their images again for robust \
+                 matching (GET /api/v1/profiles/{{id}} shows without_keypoints)"
+            );
+        }
         Ok(Self {
             dir,
             model: model.to_owned(),
@@ -402,49 +414,6 @@ pub fn check_id(id: &str) -> Result<(), ProfileError> {
         && !id.starts_with('.')
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if valid { Ok(()) } else { Err(ProfileError::InvalidId(id.to_owned())) }
-}
-
-/// Checks references and normalises their embeddings; errors name the offending index.
-fn validate_references<S: Into<Signal>>(refs: Vec<(String, S)>, dim: usize) -> Result<Vec<Reference>, ProfileError> {
-    if refs.is_empty() {
-        return Err(ProfileError::Invalid("references must not be empty".to_owned()));
-    }
-    let n = refs.len();
-    if n > MAX_REFERENCES {
-        return Err(ProfileError::Invalid(format!("references has {n} entries, at most {MAX_REFERENCES} are allowed")));
-    }
-    let mut seen: HashMap<String, usize> = HashMap::with_capacity(refs.len());
-    let mut out = Vec::with_capacity(refs.len());
-    for (i, (id, signal)) in refs.into_iter().enumerate() {
-        if id.is_empty() {
-            return Err(ProfileError::Invalid(format!("references[{i}].id is empty")));
-        }
-        if let Some(first) = seen.insert(id.clone(), i) {
-            return Err(ProfileError::Invalid(format!("references[{i}].id {id:?} repeats references[{first}].id")));
-        }
-        let (mut embedding, keypoints) = match signal.into() {
-            Signal::Embedding(embedding) => (embedding, None),
-            Signal::Image(embedding, keypoints) => (embedding, Some(keypoints)),
-            Signal::Pdq(_, Some(q)) if q > 100 => {
-                return Err(ProfileError::Invalid(format!("references[{i}].quality {q} must be within 0..=100")));
-            }
-            Signal::Pdq(hash, quality) => {
-                out.push(Reference { id, embedding: Vec::new(), pdq: Some(hash), quality, keypoints: None });
-                continue;
-            }
-        };
-        if embedding.len() != dim {
-            return Err(ProfileError::DimensionMismatch { reference: id, expected: dim, got: embedding.len() });
-        }
-        if embedding.iter().any(|x| !x.is_finite()) {
-            return Err(ProfileError::Invalid(format!("references[{i}].embedding ({id:?}) has a non-finite value")));
-        }
-        if !matcher::normalize(&mut embedding) {
-            return Err(ProfileError::Invalid(format!("references[{i}].embedding ({id:?}) is all zeros")));
-        }
-        out.push(Reference { id, embedding, pdq: None, quality: None, keypoints });
-    }
-    Ok(out)
 }
 
 /// Reads one profile file; the error says why it cannot be used.

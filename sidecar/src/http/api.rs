@@ -193,10 +193,12 @@ async fn pdq_of(app: &App, body: Bytes) -> Result<(Pdq, u8), ApiError> {
 }
 
 /// The keypoints of an image (none for one too small or too flat to have any). A large JPEG is
-/// decoded at the smallest DCT scale that keeps both sides at [`keypoints::LONG_SIDE`] or more,
-/// as the model's input is (with `--jpeg-decode full`, always at full size).
+/// decoded at the smallest DCT scale that keeps both sides at 5/8 of [`keypoints::LONG_SIDE`]
+/// (320 pixels) or more, so its long side is still at least 512 for any aspect ratio up to 1.6:
+/// a 1600x1000 photo decodes at half size, a 12-megapixel one at an eighth (with
+/// `--jpeg-decode full`, always at full size).
 pub(super) async fn keypoints_of(app: &App, body: Bytes) -> Result<Keypoints, ApiError> {
-    let side = keypoints::LONG_SIDE;
+    let side = keypoints::LONG_SIDE * 5 / 8;
     let input = crate::model::InputSpec { width: side, height: side, ..app.card.card.input.clone() };
     let decoder = Preprocessor::new(input, app.config.max_pixels).with_jpeg_decode(app.config.jpeg_decode);
     decoded(decoder, body, |width, height, rgb| Ok(Keypoints::of_rgb(width, height, rgb))).await

@@ -45,7 +45,10 @@ pub fn verify(query: &Keypoints, reference: &Keypoints) -> u32 {
 /// A query point and the reference point its descriptor matched.
 type Pair = ([f32; 2], [f32; 2]);
 
-/// Ratio-test matches from query to reference.
+/// Ratio-test matches from query to reference. Compiled also for CPUs with POPCNT (and AVX2),
+/// picked at run time: the baseline x86-64 target has no popcount instruction, and this loop is
+/// most of a verification.
+#[multiversion::multiversion(targets("x86_64+avx2+popcnt", "x86_64+popcnt"))]
 fn nearest(query: &Keypoints, reference: &Keypoints) -> Vec<Pair> {
     let distance = |a: &[u64; 4], b: &[u64; 4]| -> u32 { a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum() };
     let mut out = Vec::new();
