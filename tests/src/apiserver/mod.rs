@@ -270,7 +270,14 @@ fn discovery(path: &str) -> Option<Value> {
         let mut list = Vec::new();
         for r in resources::all().iter().filter(|r| r.group == group && r.version == version) {
             let verbs = json!(["create", "delete", "get", "list", "patch", "update", "watch"]);
-            list.push(json!({"name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs}));
+            let mut entry = json!({"name": r.plural, "singularName": r.kind.to_ascii_lowercase(), "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs});
+            if !r.short_names.is_empty() {
+                entry["shortNames"] = json!(r.short_names);
+            }
+            if !r.categories.is_empty() {
+                entry["categories"] = json!(r.categories);
+            }
+            list.push(entry);
             if r.status {
                 list.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced, "kind": r.kind, "verbs": ["get", "patch", "update"]}));
             }

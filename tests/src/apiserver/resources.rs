@@ -26,6 +26,10 @@ pub struct Resource {
     pub status: bool,
     /// Where `/scale` reads and writes, when it is served.
     pub scale: Option<ScalePaths>,
+    /// Short names discovery lists (`kubectl get deploy`), as the real API server's.
+    pub short_names: &'static [&'static str],
+    /// Categories discovery lists (`kubectl get all`, `kubectl get inferpool`).
+    pub categories: &'static [&'static str],
 }
 
 /// JSON pointers behind a scale subresource, as a CRD's `subresources.scale` names them.
@@ -62,20 +66,27 @@ const fn r(
     status: bool,
     scale: Option<ScalePaths>,
 ) -> Resource {
-    Resource { group, version, kind, plural, namespaced, status, scale }
+    Resource { group, version, kind, plural, namespaced, status, scale, short_names: &[], categories: &[] }
+}
+
+impl Resource {
+    /// The same resource with its short names and categories.
+    const fn named(self, short_names: &'static [&'static str], categories: &'static [&'static str]) -> Resource {
+        Resource { short_names, categories, ..self }
+    }
 }
 
 /// The built-in resources served (custom resources come from CRDs, see [`all`]).
 pub const BUILTIN: &[Resource] = &[
-    r("", "v1", "Namespace", "namespaces", false, true, None),
-    r("", "v1", "Pod", "pods", true, true, None),
-    r("", "v1", "Service", "services", true, true, None),
-    r("", "v1", "ConfigMap", "configmaps", true, false, None),
+    r("", "v1", "Namespace", "namespaces", false, true, None).named(&["ns"], &[]),
+    r("", "v1", "Pod", "pods", true, true, None).named(&["po"], &["all"]),
+    r("", "v1", "Service", "services", true, true, None).named(&["svc"], &["all"]),
+    r("", "v1", "ConfigMap", "configmaps", true, false, None).named(&["cm"], &[]),
     r("", "v1", "Secret", "secrets", true, false, None),
-    r("", "v1", "Event", "events", true, false, None),
-    r("apps", "v1", "Deployment", "deployments", true, true, Some(DEPLOYMENT_SCALE)),
-    r("events.k8s.io", "v1", "Event", "events", true, false, None),
-    r("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", true, true, None),
+    r("", "v1", "Event", "events", true, false, None).named(&["ev"], &[]),
+    r("apps", "v1", "Deployment", "deployments", true, true, Some(DEPLOYMENT_SCALE)).named(&["deploy"], &["all"]),
+    r("events.k8s.io", "v1", "Event", "events", true, false, None).named(&["ev"], &[]),
+    r("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", true, true, None).named(&["pdb"], &[]),
     r("coordination.k8s.io", "v1", "Lease", "leases", true, false, None),
     r("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", true, false, None),
 ];
@@ -149,6 +160,11 @@ pub fn from_crd(crd: &Value) -> Result<Vec<(Resource, Value)>, CrdError> {
     let kind = leak(text("/spec/names/kind")?);
     let plural = leak(text("/spec/names/plural")?);
     let namespaced = text("/spec/scope")? == "Namespaced";
+    let names = |p: &str| -> &'static [&'static str] {
+        let list = crd.pointer(p).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        list.iter().filter_map(Value::as_str).map(leak).collect::<Vec<_>>().leak()
+    };
+    let (short_names, categories) = (names("/spec/names/shortNames"), names("/spec/names/categories"));
     let versions = crd.pointer("/spec/versions").and_then(Value::as_array).ok_or_else(|| err("no versions"))?;
     let mut out = Vec::new();
     for v in versions.iter().filter(|v| v.get("served").and_then(Value::as_bool).unwrap_or(true)) {
@@ -170,7 +186,8 @@ pub fn from_crd(crd: &Value) -> Result<Vec<(Resource, Value)>, CrdError> {
             None => None,
         };
         let schema = v.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(Value::Null);
-        out.push((Resource { group, version, kind, plural, namespaced, status, scale }, schema));
+        let resource = Resource { group, version, kind, plural, namespaced, status, scale, short_names, categories };
+        out.push((resource, schema));
     }
     Ok(out)
 }
