@@ -339,3 +339,45 @@ async fn kubectl_knows_the_short_names_and_the_inferpool_category() {
     let out = kubectl(&local.kubeconfig, &["get", "deploy,svc,cm", "-o", "name"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test]
+async fn kubectl_get_shows_the_printer_columns_with_real_values() {
+    let local = up(&[]);
+    let pools: Api<inferpool_crds::InferencePool> = Api::default_namespaced(local.client().await);
+    let pool = serde_json::from_value(json!({
+        "apiVersion": "inferpool.dev/v1alpha1", "kind": "InferencePool", "metadata": {"name": "shop"}, "spec": {},
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let condition = |type_: &str, status: &str| json!({"type": type_, "status": status, "reason": "Test", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"});
+    let status = json!({"status": {
+        "readyReplicas": 2, "desiredReplicas": 3,
+        "sla": {"p95Ms": 123.5, "rps": 10.0, "errorRate": 0.0, "cacheHitRate": 0.5, "compliant": false},
+        "tuning": {"maxBatchSize": 16, "maxDelayMs": 5, "generation": 1},
+        "conditions": [condition("Ready", "True"), condition("SLACompliant", "False")],
+    }});
+    let params = kube::api::PatchParams::default();
+    pools.patch_status("shop", &params, &kube::api::Patch::Merge(&status)).await.unwrap();
+
+    // Every column the CRD declares, read through its jsonPath from the stored object.
+    let out = kubectl(&local.kubeconfig, &["get", "ipool"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Vec<String>> =
+        lines(&out).iter().map(|l| l.split_whitespace().map(str::to_owned).collect()).collect();
+    assert_eq!(rows[0], ["NAME", "READY", "REPLICAS", "DESIRED", "P95(MS)", "SLA", "BATCH", "AGE"], "{rows:?}");
+    assert_eq!(&rows[1][..7], ["shop", "True", "2", "3", "123.5", "False", "16"], "{rows:?}");
+    assert!(rows[1][7].ends_with('s'), "an age in seconds: {rows:?}");
+    // Built-in kinds get Name and Age.
+    let maps: Api<ConfigMap> = Api::default_namespaced(local.client().await);
+    maps.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "tuning"}})).unwrap())
+        .await
+        .unwrap();
+    let out = kubectl(&local.kubeconfig, &["get", "cm"]);
+    let rows: Vec<Vec<String>> =
+        lines(&out).iter().map(|l| l.split_whitespace().map(str::to_owned).collect()).collect();
+    assert_eq!(
+        (&rows[0][..], &rows[1][0]),
+        (&["NAME".to_owned(), "AGE".to_owned()][..], &"tuning".to_owned()),
+        "{rows:?}"
+    );
+}

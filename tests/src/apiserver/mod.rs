@@ -22,6 +22,7 @@ pub mod resources;
 pub mod schema;
 pub mod selector;
 pub mod store;
+mod table;
 pub mod watch;
 
 pub use patch::merge;
@@ -226,6 +227,7 @@ async fn handle(store: &Arc<Store>, audit: &Audit, rbac: Option<&Rbac>, req: Req
         let target = parse_path(&path)?;
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let content_type = header(header::CONTENT_TYPE);
+        let accept = header(header::ACCEPT);
         if let Some(rbac) = rbac {
             let creates = method == Method::PATCH
                 && content_type.starts_with("application/apply-patch")
@@ -236,7 +238,8 @@ async fn handle(store: &Arc<Store>, audit: &Audit, rbac: Option<&Rbac>, req: Req
         if body.len() > MAX_BODY {
             return Err(Status::refused(413, "RequestEntityTooLarge", "request body too large"));
         }
-        let request = Call { method: &method, q: &q, content_type: &content_type, agent: &agent, body: &body };
+        let request =
+            Call { method: &method, q: &q, content_type: &content_type, accept: &accept, agent: &agent, body: &body };
         route(store, &target, &request)
     }
     .await;
@@ -320,6 +323,8 @@ pub(super) struct Call<'a> {
     /// The raw query string.
     q: &'a str,
     content_type: &'a str,
+    /// The `Accept` header: a Table for kubectl, else JSON.
+    accept: &'a str,
     /// The `User-Agent`, whose product name is the default field manager.
     agent: &'a str,
     body: &'a [u8],
@@ -400,6 +405,12 @@ fn route(store: &Arc<Store>, t: &Target, call: &Call) -> Result<Response<Body>, 
             let fields = query(q, "fieldSelector").unwrap_or_default();
             let (items, rv) =
                 store.list(t.resource, t.namespace.as_deref(), |o| labels.matches(o) && field_match(&fields, o));
+            if table::wanted(call.accept) {
+                return Ok(full(
+                    StatusCode::OK,
+                    &table::render(t.resource, &items, &rv.to_string(), query(q, "includeObject").as_deref()),
+                ));
+            }
             Ok(full(
                 StatusCode::OK,
                 &json!({
@@ -409,6 +420,11 @@ fn route(store: &Arc<Store>, t: &Target, call: &Call) -> Result<Response<Body>, 
                     "items": items,
                 }),
             ))
+        }
+        (&Method::GET, Some(name)) if table::wanted(call.accept) => {
+            let object = store.get(&key(name))?;
+            let rv = object.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_owned();
+            Ok(full(StatusCode::OK, &table::render(t.resource, &[object], &rv, query(q, "includeObject").as_deref())))
         }
         (&Method::GET, Some(name)) => Ok(full(StatusCode::OK, &store.get(&key(name))?)),
         (&Method::POST, None) => {

@@ -96,17 +96,23 @@ struct Table {
     resources: Vec<Resource>,
     /// `openAPIV3Schema` of a served CRD version, by index into `resources`.
     schemas: Vec<(usize, Value)>,
+    /// `additionalPrinterColumns` of a served CRD version, by index into `resources`.
+    columns: Vec<(usize, Vec<Value>)>,
 }
 
 fn table() -> &'static Table {
     static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let mut table = Table { resources: BUILTIN.to_vec(), schemas: Vec::new() };
+        let mut table = Table { resources: BUILTIN.to_vec(), schemas: Vec::new(), columns: Vec::new() };
         for crd in crds() {
             match from_crd(&crd) {
                 Ok(served) => {
-                    for (resource, schema) in served {
-                        table.schemas.push((table.resources.len(), schema));
+                    for (resource, version) in served {
+                        let index = table.resources.len();
+                        let columns = version.get("additionalPrinterColumns").and_then(Value::as_array);
+                        table.columns.push((index, columns.cloned().unwrap_or_default()));
+                        let schema = version.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(Value::Null);
+                        table.schemas.push((index, schema));
                         table.resources.push(resource);
                     }
                 }
@@ -150,7 +156,7 @@ fn leak(s: &str) -> &'static str {
 }
 
 /// The resources an `apiextensions.k8s.io/v1` CustomResourceDefinition serves (one per served
-/// version), each with its schema. Its names are leaked to live as long as the process: call it
+/// version), each with its version entry (schema, printer columns). Its names are leaked to live as long as the process: call it
 /// once per CRD (the table does, at first use).
 pub fn from_crd(crd: &Value) -> Result<Vec<(Resource, Value)>, CrdError> {
     let name = crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_owned();
@@ -185,9 +191,8 @@ pub fn from_crd(crd: &Value) -> Result<Vec<(Resource, Value)>, CrdError> {
             }
             None => None,
         };
-        let schema = v.pointer("/schema/openAPIV3Schema").cloned().unwrap_or(Value::Null);
         let resource = Resource { group, version, kind, plural, namespaced, status, scale, short_names, categories };
-        out.push((resource, schema));
+        out.push((resource, v.clone()));
     }
     Ok(out)
 }
@@ -200,6 +205,12 @@ pub fn all() -> &'static [Resource] {
 /// The resource served at `group/version/plural`.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
     all().iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The CRD's printer columns of `resource` (none for built-in kinds).
+pub fn printer_columns(resource: &Resource) -> &'static [Value] {
+    let t = table();
+    t.columns.iter().find(|(i, _)| t.resources.get(*i) == Some(resource)).map_or(&[], |(_, c)| c.as_slice())
 }
 
 /// The structural schema objects of `resource` are validated against, when it has one.
