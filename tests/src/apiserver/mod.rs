@@ -14,6 +14,7 @@
 
 pub mod audit;
 pub mod error;
+mod events;
 pub mod fields;
 mod patch;
 pub mod persist;
@@ -209,6 +210,14 @@ pub(super) fn field_match(selector: &str, object: &Value) -> bool {
         Some(("metadata.namespace", v)) => {
             object.pointer("/metadata/namespace").and_then(Value::as_str) == Some(v.trim_start_matches('='))
         }
+        // What `kubectl describe` selects an object's Events by.
+        Some((
+            field @ ("involvedObject.name" | "involvedObject.namespace" | "involvedObject.kind" | "involvedObject.uid"),
+            v,
+        )) => {
+            let pointer = format!("/{}", field.replace('.', "/"));
+            object.pointer(&pointer).and_then(Value::as_str).unwrap_or("") == v.trim_start_matches('=')
+        }
         _ => true,
     })
 }
@@ -403,8 +412,15 @@ fn route(store: &Arc<Store>, t: &Target, call: &Call) -> Result<Response<Body>, 
             let labels =
                 Selector::parse(&query(q, "labelSelector").unwrap_or_default()).map_err(Status::bad_request)?;
             let fields = query(q, "fieldSelector").unwrap_or_default();
-            let (items, rv) =
-                store.list(t.resource, t.namespace.as_deref(), |o| labels.matches(o) && field_match(&fields, o));
+            let keep = |o: &Value| labels.matches(o) && field_match(&fields, o);
+            let (mut items, mut rv) = store.list(t.resource, t.namespace.as_deref(), keep);
+            if events::is_core(t.resource)
+                && let Some(new_api) = events::new_api()
+            {
+                let (recorded, at) = store.list(new_api, t.namespace.as_deref(), |_| true);
+                items.extend(recorded.iter().map(events::to_core).filter(|e| keep(e)));
+                rv = rv.max(at);
+            }
             if table::wanted(call.accept) {
                 return Ok(full(
                     StatusCode::OK,

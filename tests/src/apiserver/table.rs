@@ -1,6 +1,7 @@
 //! Server-side Table rendering (`Accept: application/json;as=Table;v=v1;g=meta.k8s.io`), which
 //! `kubectl get` asks for: a Name column, then a CRD's `additionalPrinterColumns` (JSONPath
-//! evaluated against each object, a `date` shown as an age), or an Age column for built-in kinds.
+//! evaluated against each object, a `date` shown as an age), or an Age column for built-in kinds
+//! (core Events: Last Seen, Type, Reason, Object, Message).
 //! Each row carries the object's metadata (`includeObject=Metadata`, the default), the whole
 //! object (`Object`) or nothing (`None`), as the real API server does.
 
@@ -19,8 +20,10 @@ pub fn wanted(accept: &str) -> bool {
 /// The Table of `items` of `resource`.
 pub fn render(resource: &Resource, items: &[Value], resource_version: &str, include: Option<&str>) -> Value {
     let columns = columns(resource);
+    // An Event's name is noise: the real server shows it only with `-o wide` (priority 1).
+    let name_priority = i64::from(super::events::is_core(resource));
     let definitions: Vec<Value> = std::iter::once(json!({"name": "Name", "type": "string", "format": "name",
-        "description": "Name must be unique within a namespace.", "priority": 0}))
+        "description": "Name must be unique within a namespace.", "priority": name_priority}))
     .chain(columns.iter().map(
         |c| json!({"name": c.name, "type": c.kind, "format": "", "description": c.description, "priority": c.priority}),
     ))
@@ -71,9 +74,24 @@ impl Column {
 /// The columns of `resource` after Name: its CRD's, or Age for a built-in kind.
 fn columns(resource: &Resource) -> Vec<Column> {
     let declared = resources::printer_columns(resource);
+    let column = |name: &str, kind: &str, path: &str| Column {
+        name: name.into(),
+        kind: kind.into(),
+        description: String::new(),
+        priority: 0,
+        path: JsonPath::parse(path).ok(),
+    };
+    if super::events::is_core(resource) {
+        return vec![
+            column("Last Seen", "date", "$.lastTimestamp"),
+            column("Type", "string", "$.type"),
+            column("Reason", "string", "$.reason"),
+            column("Object", "string", "$.involvedObject.name"),
+            column("Message", "string", "$.message"),
+        ];
+    }
     if declared.is_empty() {
-        let path = JsonPath::parse("$.metadata.creationTimestamp").ok();
-        return vec![Column { name: "Age".into(), kind: "date".into(), description: String::new(), priority: 0, path }];
+        return vec![column("Age", "date", "$.metadata.creationTimestamp")];
     }
     declared
         .iter()
