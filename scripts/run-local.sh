@@ -14,7 +14,9 @@ state=.cache/local
 mkdir -p "$state"
 kubeconfig="$state/kubeconfig"
 
-cargo build --release -q -p inferpool-sidecar -p inferpool-operator -p inferpool-tests --bins
+# Not quiet: a first build on a fresh machine takes several minutes, and cargo's progress shows it.
+echo "building the sidecar, the operator and the control plane (release; several minutes the first time)"
+cargo build --release -p inferpool-sidecar -p inferpool-operator -p inferpool-tests --bins
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release"
 
 # The pool's name and namespace, for the proxy and the readiness check.
@@ -90,8 +92,15 @@ $pool is Ready. Its Service answers on http://127.0.0.1:$port (round robin over 
   python3 -c "import base64,json,sys; print(json.dumps({'references':[{'id':'ref','image_b64':base64.b64encode(open(sys.argv[1],'rb').read()).decode()}]}))" "\$PHOTO" > /tmp/profile.json
   curl -s -X PUT -H 'Content-Type: application/json' --data-binary @/tmp/profile.json http://127.0.0.1:$port/api/v1/profiles/cats
   curl -s -H 'Content-Type: image/png' --data-binary @"\$PHOTO" 'http://127.0.0.1:$port/api/v1/match?profile=cats'
-The pool:  curl -s $url
-Change it: edit $manifest, then $target/inferpool-local apply -f $manifest --kubeconfig $kubeconfig
+The pool, with kubectl 1.37 from make setup (any kubectl works with this kubeconfig):
+  export KUBECONFIG=$kubeconfig
+  .cache/venv/bin/kubectl get ipool                 # the printer columns: READY, REPLICAS, P95(MS), SLA...
+  .cache/venv/bin/kubectl describe ipool $pool      # status, conditions and the operator's Events
+  .cache/venv/bin/kubectl get events
+  .cache/venv/bin/kubectl scale ipool $pool --replicas=3
+  .cache/venv/bin/kubectl get deploy,svc,po
+Change it: edit $manifest, then .cache/venv/bin/kubectl apply --validate=false -f $manifest
+  (or $target/inferpool-local apply -f $manifest --kubeconfig $kubeconfig)
 Ctrl-C stops everything.
 EOF2
 wait -n "${pids[@]}"
