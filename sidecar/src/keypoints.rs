@@ -20,7 +20,7 @@ use std::sync::LazyLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use fast_image_resize::images::Image;
+use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
 mod verify;
@@ -203,11 +203,11 @@ fn grey_at_long_side(width: u32, height: u32, rgb: &[u8]) -> Option<(u32, u32, V
         return Some((width, height, grey));
     }
     let (w, h) = ((width * LONG_SIDE).div_ceil(long).max(1), (height * LONG_SIDE).div_ceil(long).max(1));
-    resize(width, height, grey, w, h).map(|pixels| (w, h, pixels))
+    resize(width, height, &grey, w, h).map(|pixels| (w, h, pixels))
 }
 
-fn resize(width: u32, height: u32, grey: Vec<u8>, w: u32, h: u32) -> Option<Vec<u8>> {
-    let src = Image::from_vec_u8(width, height, grey, PixelType::U8).ok()?;
+fn resize(width: u32, height: u32, grey: &[u8], w: u32, h: u32) -> Option<Vec<u8>> {
+    let src = ImageRef::new(width, height, grey, PixelType::U8).ok()?;
     let mut dst = Image::new(w, h, PixelType::U8);
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     Resizer::new().resize(&src, &mut dst, &options).ok()?;
@@ -216,14 +216,14 @@ fn resize(width: u32, height: u32, grey: Vec<u8>, w: u32, h: u32) -> Option<Vec<
 
 /// The image and its smaller copies, each [`LEVEL_SCALE`] times smaller, while a keypoint fits.
 fn pyramid(width: u32, height: u32, grey: Vec<u8>) -> Vec<Grey> {
-    let mut levels = vec![Grey { width: width as usize, height: height as usize, pixels: grey.clone() }];
+    let mut levels = vec![Grey { width: width as usize, height: height as usize, pixels: grey }];
     for index in 1..LEVELS {
         let scale = LEVEL_SCALE.powi(index as i32);
         let (w, h) = ((width as f32 / scale).round() as u32, (height as f32 / scale).round() as u32);
         if w.min(h) < 2 * BORDER as u32 + 1 {
             break;
         }
-        let Some(pixels) = resize(width, height, grey.clone(), w, h) else { break };
+        let Some(pixels) = resize(width, height, &levels[0].pixels, w, h) else { break };
         levels.push(Grey { width: w as usize, height: h as usize, pixels });
     }
     levels

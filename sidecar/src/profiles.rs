@@ -38,7 +38,7 @@ mod validate;
 
 use validate::validate_references;
 
-pub use matching::{MAX_CHECKED, Mode, Probe, Rules, SignalKind, Verdict};
+pub use matching::{Mode, Probe, Rules, SignalKind, Verdict};
 
 /// Most references one profile may hold.
 pub const MAX_REFERENCES: usize = 10_000;
@@ -157,14 +157,14 @@ impl Profile {
     ///
     /// None if the profile is stale or has no embedding references.
     pub fn best_match(&self, query: &[f32]) -> Option<(&str, f32)> {
-        if self.stale {
-            return None;
-        }
-        self.references
-            .iter()
-            .filter(|r| !r.embedding.is_empty())
-            .map(|r| (r.id.as_str(), matcher::cosine(query, &r.embedding)))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+        self.scores(query).max_by(|a, b| a.1.total_cmp(&b.1)).map(|(r, score)| (r.id.as_str(), score))
+    }
+
+    /// Each embedding reference with its cosine to a unit-length query; none if the profile is
+    /// stale (its embeddings are another model's).
+    pub fn scores<'a, 'q>(&'a self, query: &'q [f32]) -> impl Iterator<Item = (&'a Reference, f32)> + use<'a, 'q> {
+        let references = if self.stale { &[][..] } else { &self.references[..] };
+        references.iter().filter(|r| !r.embedding.is_empty()).map(move |r| (r, matcher::cosine(query, &r.embedding)))
     }
 
     /// Whether it holds embeddings made by a different model than the one now served.

@@ -281,19 +281,22 @@ impl Examined {
     }
 
     /// Judges the image against `profiles`; when some verdict needs the image's keypoints, they
-    /// are computed (once, for all the profiles) and the profiles judged again.
+    /// are computed (once, for all the profiles) and only those profiles are judged again.
     async fn judge<'p>(
         &mut self,
         app: &App,
         profiles: &[&'p Profile],
         rules: &Rules,
     ) -> Result<Vec<Verdict<'p>>, ApiError> {
-        let verdicts: Vec<Verdict<'p>> = profiles.iter().map(|p| p.judge(&self.probe(), rules)).collect();
+        let mut verdicts: Vec<Verdict<'p>> = profiles.iter().map(|p| p.judge(&self.probe(), rules)).collect();
         if !verdicts.iter().any(|v| v.needs_keypoints) {
             return Ok(verdicts);
         }
         self.keypoints = Some(keypoints_of(app, self.body.clone()).await?);
-        Ok(profiles.iter().map(|p| p.judge(&self.probe(), rules)).collect())
+        for (verdict, profile) in verdicts.iter_mut().zip(profiles).filter(|(v, _)| v.needs_keypoints) {
+            *verdict = profile.judge(&self.probe(), rules);
+        }
+        Ok(verdicts)
     }
 }
 

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{Profile, Reference};
 use crate::keypoints::{self, Keypoints};
-use crate::matcher;
 use crate::model::Verification;
 use crate::pdq::{self, Pdq};
 
@@ -107,15 +106,7 @@ impl Profile {
     /// of quality under 50 is not used, nor are references of such quality.
     pub fn judge<'a>(&'a self, probe: &Probe<'_>, rules: &Rules) -> Verdict<'a> {
         let threshold = self.threshold.unwrap_or(rules.threshold);
-        let scored: Vec<(&Reference, f32)> = match probe.embedding {
-            Some(q) if !self.stale => self
-                .references
-                .iter()
-                .filter(|r| !r.embedding.is_empty())
-                .map(|r| (r, matcher::cosine(q, &r.embedding)))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let scored: Vec<(&Reference, f32)> = probe.embedding.map(|q| self.scores(q).collect()).unwrap_or_default();
         let best = scored.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1));
         let by_pdq =
             probe.pdq.filter(|(_, q)| *q >= pdq::MIN_MATCH_QUALITY).and_then(|(hash, _)| self.nearest_pdq(&hash));

@@ -201,24 +201,18 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Field selector terms on `metadata.name` and `metadata.namespace` (others match everything).
+/// Field selector terms `path=value`, `path==value` and `path!=value`, each path (`metadata.name`,
+/// `involvedObject.uid` as `kubectl describe` selects Events) read from the object, an absent
+/// field as the empty string, as the real API server reads it.
 pub(super) fn field_match(selector: &str, object: &Value) -> bool {
-    selector.split(',').filter(|t| !t.is_empty()).all(|term| match term.split_once('=') {
-        Some(("metadata.name", v)) => {
-            object.pointer("/metadata/name").and_then(Value::as_str) == Some(v.trim_start_matches('='))
-        }
-        Some(("metadata.namespace", v)) => {
-            object.pointer("/metadata/namespace").and_then(Value::as_str) == Some(v.trim_start_matches('='))
-        }
-        // What `kubectl describe` selects an object's Events by.
-        Some((
-            field @ ("involvedObject.name" | "involvedObject.namespace" | "involvedObject.kind" | "involvedObject.uid"),
-            v,
-        )) => {
-            let pointer = format!("/{}", field.replace('.', "/"));
-            object.pointer(&pointer).and_then(Value::as_str).unwrap_or("") == v.trim_start_matches('=')
-        }
-        _ => true,
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let Some((path, value)) = term.split_once('=') else { return true };
+        let (path, equal) = match path.strip_suffix('!') {
+            Some(path) => (path, false),
+            None => (path, true),
+        };
+        let found = object.pointer(&format!("/{}", path.replace('.', "/"))).and_then(Value::as_str).unwrap_or("");
+        (found == value.trim_start_matches('=')) == equal
     })
 }
 
@@ -460,5 +454,32 @@ fn route(store: &Arc<Store>, t: &Target, call: &Call) -> Result<Response<Body>, 
         }
         (&Method::DELETE, Some(name)) => Ok(full(StatusCode::OK, &store.delete_with(&key(name), propagation(call)?)?)),
         (m, _) => Err(Status::refused(405, "MethodNotAllowed", format!("{m} is not supported here"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_selectors_compare_the_named_fields() {
+        let event = json!({"metadata": {"name": "e1", "namespace": "default"},
+                           "involvedObject": {"kind": "InferencePool", "name": "shop", "uid": "u1"}});
+        let cases = [
+            ("", true),
+            ("metadata.name=e1", true),
+            ("metadata.name==e1", true),
+            ("metadata.name=e2", false),
+            ("metadata.namespace=default,metadata.name=e1", true),
+            ("involvedObject.name=shop,involvedObject.kind=InferencePool,involvedObject.uid=u1", true),
+            ("involvedObject.uid=u2", false),
+            ("involvedObject.name!=shop", false),
+            ("involvedObject.name!=cart", true),
+            ("involvedObject.namespace=", true),
+            ("involvedObject.namespace=default", false),
+        ];
+        for (selector, want) in cases {
+            assert_eq!(field_match(selector, &event), want, "{selector:?}");
+        }
     }
 }

@@ -51,6 +51,11 @@ const DEPLOYMENT_SCALE: ScalePaths = ScalePaths {
 };
 
 impl Resource {
+    /// The same resource with its short names and categories.
+    const fn named(self, short_names: &'static [&'static str], categories: &'static [&'static str]) -> Resource {
+        Resource { short_names, categories, ..self }
+    }
+
     /// `apiVersion` of its objects.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() { self.version.to_owned() } else { format!("{}/{}", self.group, self.version) }
@@ -67,13 +72,6 @@ const fn r(
     scale: Option<ScalePaths>,
 ) -> Resource {
     Resource { group, version, kind, plural, namespaced, status, scale, short_names: &[], categories: &[] }
-}
-
-impl Resource {
-    /// The same resource with its short names and categories.
-    const fn named(self, short_names: &'static [&'static str], categories: &'static [&'static str]) -> Resource {
-        Resource { short_names, categories, ..self }
-    }
 }
 
 /// The built-in resources served (custom resources come from CRDs, see [`all`]).
